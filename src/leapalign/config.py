@@ -1,0 +1,190 @@
+"""Typed configuration: YAML presets under configs/, overridden by `--set section.key=value`.
+
+Sections: model, method, reward, train, eval, output.  Unknown keys are an error naming the
+closest valid key.  `method` holds `name` plus the options of that method (its dataclass fields).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    path: str = "shapeworld"  # a diffusers folder or hub id; "shapeworld" = the shipped base
+    height: int = 32
+    width: int = 32
+    guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance; ignored by models without it
+    max_sequence_length: int = 512
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "shapescore"  # built-in name, "module.path:callable" or "path/to/file.py:callable"
+    lam: float = 1.0  # hinge: loss = max(0, lam - reward) * scale
+    scale: float = 1.0
+    path: str | None = None  # weights folder of a built-in reward (default: the shipped one)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    num_steps: int = 16  # rollout length
+    prompts: str = "shapeworld:train"  # "shapeworld:train|eval" or a text file, one prompt a line
+    finetune: str = "lora"  # lora | full
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema: float | None = None  # e.g. 0.995 (paper); None = off
+    seed: int = 0
+    save_every: int = 0  # checkpoint interval in steps; 0 = only at the end
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = "shapeworld:eval"
+    num_images: int = 0  # 0 = one image per prompt row
+    num_steps: int = 28  # FluxPipeline's default
+    batch_size: int = 96
+    every: int = 0  # evaluate during training every N steps; 0 = before and after only
+    grid_size: int = 24  # images in the before/after sample grids
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/leapalign"
+    log_every: int = 1
+    tensorboard: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict = field(default_factory=lambda: {"name": "leapalign"})
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    hit = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f"; did you mean '{hit[0]}'?" if hit else ""
+
+
+def _coerce(value, tp, where: str):
+    """Check/convert a YAML value to the field's annotated type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{where} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or value is None:
+            raise UserError(f"{where} must be a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be a number, got {value!r}") from None
+        if tp is int and float(value) != out:
+            raise UserError(f"{where} must be a whole number, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise UserError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value] if args else list(value)
+    return value
+
+
+def _parse_scalar(text: str):
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def build(data: dict) -> Config:
+    """Config from a nested dict, with every key and type checked."""
+    cfg = Config()
+    if not isinstance(data, dict):
+        raise UserError("the config file must be a YAML mapping of sections (model, method, reward, train, eval, output)")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section '{section}'{_closest(section, list(SECTIONS))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section}' must be a mapping of keys to values")
+        if section == "method":
+            cfg.method = {**cfg.method, **values}
+            continue
+        obj = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        hints = typing.get_type_hints(type(obj))
+        for key, value in values.items():
+            if key not in fields:
+                raise UserError(f"unknown config key '{section}.{key}'{_closest(key, [f'{k}' for k in fields])}")
+            setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+    from .methods import build_method
+
+    build_method(cfg.method)  # validates the method's name and options now, before any work
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults) and apply `section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist; presets live in configs/ (e.g. configs/shapeworld_leapalign.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise UserError(f"config section '{section}' must be a mapping")
+        data[section][key] = _parse_scalar(value)
+    return build(data)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,116 @@
+"""Sampling and scoring shared by `leapalign eval`, the trainer's before/after evaluation and the benchmarks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def load_prompt_rows(spec: str) -> list[dict]:
+    """Rows {"prompt", "seed"[, "tag"]} from "shapeworld:train|eval" or a text file (one prompt a line)."""
+    if spec.startswith("shapeworld:"):
+        from .shapeworld import world
+
+        name = spec.split(":", 1)[1]
+        try:
+            rows = world.prompt_rows(name)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"prompt file {path} does not exist (use a text file with one prompt a line, or shapeworld:train / shapeworld:eval)")
+        rows = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            raise UserError(f"prompt file {path} has no prompts")
+    return [{**r, "seed": r.get("seed", i)} for i, r in enumerate(rows)]
+
+
+def noise_for_seeds(backbone, seeds: list[int], height: int, width: int) -> torch.Tensor:
+    """One noise tensor per seed, each drawn as the pipeline would for a batch of one."""
+    return torch.cat([backbone.initial_noise(1, height, width, torch.Generator(backbone.device).manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate(backbone, prompts: list[str], seeds: list[int], num_steps: int, height: int, width: int, batch_size: int = 96,
+             progress: bool = False) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1]; image i depends only on (prompt i, seed i)."""
+    from .rollout import rollout
+
+    out = []
+    chunks = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="sampling", leave=False)
+    for i in chunks:
+        p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
+        traj = rollout(backbone, p, num_steps, height, width, noise=noise_for_seeds(backbone, s, height, width))
+        out.append(backbone.decode(traj.sample, height, width).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def score(images: torch.Tensor, prompts: list[str], reward=None, use_shapeeval: bool = True) -> dict:
+    """{"reward": mean, "rewards": per image, "shapeeval": {...}} for whatever applies."""
+    result: dict = {"num_images": len(prompts)}
+    if reward is not None:
+        r = torch.cat([reward(images[i : i + 256], prompts[i : i + 256]).float().cpu() for i in range(0, len(prompts), 256)])
+        result["reward"] = r.mean().item()
+        result["rewards"] = r.tolist()
+    if use_shapeeval:
+        from .shapeworld import evaluate
+
+        result["shapeeval"] = evaluate(images, prompts)
+    return result
+
+
+def is_shapeworld(prompts: list[str]) -> bool:
+    from .shapeworld import parse
+
+    try:
+        for p in prompts:
+            parse(p)
+    except ValueError:
+        return False
+    return True
+
+
+def evaluate_model(backbone, reward, rows: list[dict], num_steps: int, height: int, width: int, batch_size: int = 96,
+                   num_images: int = 0, progress: bool = False) -> tuple[dict, torch.Tensor]:
+    rows = rows[:num_images] if num_images else rows
+    prompts = [r["prompt"] for r in rows]
+    images = generate(backbone, prompts, [r["seed"] for r in rows], num_steps, height, width, batch_size, progress)
+    return score(images, prompts, reward, use_shapeeval=is_shapeworld(prompts)), images
+
+
+def save_grid(images: torch.Tensor, prompts: list[str], path: Path, title: str = "", cols: int = 6) -> None:
+    """A PNG grid of images with their prompts underneath (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import textwrap
+
+    n = len(images)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.25), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, p in zip(axes.flat, images, prompts):
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(p, 22)), fontsize=6.5)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))

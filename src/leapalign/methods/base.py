@@ -1,0 +1,32 @@
+"""A method builds surrogates over a cached rollout; the trainer owns everything else."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backbones.base import Backbone
+from ..rollout import Trajectory
+
+
+@dataclass
+class Surrogate:
+    """A differentiable stand-in for the reward input.
+
+    If `connected` the endpoint's value is the real sample x_N, so the trainer back-propagates
+    the shared reward gradient dL/dx_N into it; otherwise the reward is evaluated on it directly.
+    `weight` (B,) multiplies each sample's loss.
+    """
+
+    endpoint: torch.Tensor
+    weight: torch.Tensor
+    connected: bool = True
+    info: dict = field(default_factory=dict)
+
+
+class Method:
+    name = "base"
+
+    def surrogates(self, backbone: Backbone, traj: Trajectory, generator: torch.Generator):
+        """Yield surrogates one at a time so each can be back-propagated and freed before the next."""
+        raise NotImplementedError

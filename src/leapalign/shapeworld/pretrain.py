@@ -1,0 +1,169 @@
+"""Pretrain the ShapeWorld base pipeline (VAE, then text encoders + FLUX transformer) from scratch.
+
+    python -m leapalign.shapeworld.pretrain --stage all --out src/leapalign/shapeworld/assets/base
+
+Seeded and CPU-only; the documented settings finish in under an hour on two cores.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import components, world
+
+
+def make_dataset(n: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    """n random (caption, image) pairs from the train prompts, images (n, 3, 32, 32) in [-1, 1]."""
+    rng = random.Random(seed)
+    caps, imgs = [], []
+    for _ in range(n):
+        cap, objs = world.random_scene(rng)
+        caps.append(cap)
+        imgs.append(world.render_scene(objs))
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    return caps, x * 2 - 1
+
+
+def train_vae(out: Path, steps: int, batch: int, seed: int, log) -> None:
+    torch.manual_seed(seed)
+    _, data = make_dataset(20000, seed)
+    vae = components.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        x = data[torch.randint(len(data), (batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = mse + F.l1_loss(rec, x) * 0.1 + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step} mse {mse.item():.5f} kl {kl.item():.3f} {time.time() - t0:.0f}s")
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(data[i : i + 256]).latent_dist.mode() for i in range(0, 4096, 256)])
+        shift = z.mean().item()
+        scale = 1.0 / (z - shift).std().item()
+        rec = vae.decode(z[:256]).sample
+        log(f"vae eval mse {F.mse_loss(rec, data[:256]).item():.6f} max-abs {(rec - data[:256]).abs().max().item():.3f}")
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae.save_pretrained(out / "vae")
+    log(f"vae saved, shift {shift:.4f} scale {scale:.4f}")
+
+
+def assemble_pipeline(out: Path, transformer=None, text_encoders=None):
+    """A FluxPipeline of the ShapeWorld components (VAE from `out/vae`, the rest fresh or given)."""
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    clip_tok, t5_tok = components.make_tokenizers()
+    clip, t5 = text_encoders or components.make_text_encoders(clip_tok, t5_tok)
+    return FluxPipeline(
+        scheduler=components.make_scheduler(),
+        vae=AutoencoderKL.from_pretrained(out / "vae"),
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer or components.make_transformer(),
+    )
+
+
+def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e-3, ema_decay: float = 0.999) -> None:
+    """Flow matching on VAE latents; the two text encoders train jointly with the transformer."""
+    from ..backbones.flux import FluxBackbone
+
+    torch.manual_seed(seed)
+    pipe = assemble_pipeline(out)
+    backbone = FluxBackbone(pipe)
+    pipe.vae.requires_grad_(False).eval()
+    caps, imgs = make_dataset(60000, seed + 1)
+    with torch.no_grad():
+        latents = torch.cat([backbone.encode_images(imgs[i : i + 500] / 2 + 0.5) for i in range(0, len(imgs), 500)])
+    del imgs
+    vocab = sorted(set(caps)) + [""]
+    cap_index = {c: i for i, c in enumerate(vocab)}
+    cap_ids = torch.tensor([cap_index[c] for c in caps])
+    t5_ids = pipe.tokenizer_2(vocab, padding="max_length", max_length=components.T5_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    clip_ids = pipe.tokenizer(vocab, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    log(f"flux data: {len(latents)} latents {tuple(latents.shape[1:])}, std {latents.std().item():.3f}, {len(vocab)} captions")
+
+    modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]).train()
+    params = [p for p in modules.parameters() if p.requires_grad]
+    ema = copy.deepcopy(modules).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    warm = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    empty = cap_index[""]
+    t0, run_loss = time.time(), 0.0
+    for step in range(steps):
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        x0 = latents[idx]
+        pidx = torch.where(torch.rand(batch, generator=gen) < 0.1, torch.tensor(empty), cap_ids[idx])
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        embeds = pipe.text_encoder_2(t5_ids[pidx]).last_hidden_state
+        pooled = pipe.text_encoder(clip_ids[pidx]).pooler_output
+        v = backbone.velocity(xt, sigma, backbone.conditioning(embeds, pooled))
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(ema_decay, (step + 1) / (step + 10))
+            for pe, pm in zip(ema.parameters(), modules.parameters()):
+                pe.lerp_(pm, 1 - d)
+        run_loss += loss.item()
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            log(f"flux step {step + 1}/{steps} loss {run_loss / 100:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
+            run_loss = 0.0
+        if (step + 1) % 2000 == 0 or step == steps - 1:
+            final = assemble_pipeline(out, transformer=ema[0], text_encoders=(ema[1], ema[2]))
+            final.save_pretrained(out, safe_serialization=True)
+            log(f"saved pipeline to {out} at step {step + 1}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["vae", "flux", "all"], default="all")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--flux-steps", type=int, default=8000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    logf = open(args.out.parent / f"pretrain_{args.stage}.log", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    if args.stage in ("vae", "all"):
+        train_vae(args.out, args.vae_steps, args.batch, args.seed, log)
+    if args.stage in ("flux", "all"):
+        train_flux(args.out, args.flux_steps, args.batch, args.seed, log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Shared fixtures: tiny random FLUX pipelines built fully offline from configs.
+
+Two variants:
+- `tiny_flux_pipe`: a 1-layer T5, whose padding rows differ (no padding merge happens);
+- `tiny_flux_pipe_merged`: the ShapeWorld zero-layer T5, whose padding rows are bit-identical,
+  so FluxBackbone merges them into one token with a log-count attention bias.
+
+Both have guidance_embeds=True (the guidance-embedding path is exercised), a VAE with
+non-trivial shift/scaling factors, and a dynamically shifted scheduler.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+TEXT_DIM = 32
+SCALING_FACTOR = 0.7
+SHIFT_FACTOR = 0.15
+# VAE with 2 blocks: vae_scale_factor = 2; FLUX resolutions must be multiples of 4.
+VAE_BLOCKS = (8, 16)
+LATENT_CHANNELS = 4
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
+        block_out_channels=VAE_BLOCKS,
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+        sample_size=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    vae.register_to_config(scaling_factor=SCALING_FACTOR, shift_factor=SHIFT_FACTOR)
+    assert vae.config.scaling_factor == SCALING_FACTOR and vae.config.shift_factor == SHIFT_FACTOR
+    return vae
+
+
+def _transformer(text_dim: int):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,
+        out_channels=None,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=text_dim,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=4,
+        max_image_seq_len=64,
+    )
+
+
+def _text_encoders_one_layer(clip_tok, t5_tok):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=TEXT_DIM,
+            intermediate_size=2 * TEXT_DIM,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=clip_tok.model_max_length,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+            projection_dim=TEXT_DIM,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=TEXT_DIM,
+            d_kv=16,
+            d_ff=2 * TEXT_DIM,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+            dropout_rate=0.0,
+        )
+    )
+    return clip, t5
+
+
+def _build(merged: bool):
+    from diffusers import FluxPipeline
+
+    from leapalign.shapeworld import components
+
+    torch.manual_seed(1234 if not merged else 4321)
+    clip_tok, t5_tok = components.make_tokenizers()
+    if merged:
+        clip, t5 = components.make_text_encoders(clip_tok, t5_tok)  # zero-layer T5, TEXT_DIM = 64
+        text_dim = components.TEXT_DIM
+    else:
+        clip, t5 = _text_encoders_one_layer(clip_tok, t5_tok)
+        text_dim = TEXT_DIM
+    pipe = FluxPipeline(
+        scheduler=_scheduler(),
+        vae=_vae(),
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=_transformer(text_dim),
+    )
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        m.eval()
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 2 ** (len(VAE_BLOCKS) - 1)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipe():
+    """Tiny random FluxPipeline whose 1-layer T5 gives distinct padding rows (no merge)."""
+    return _build(merged=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipe_merged():
+    """Tiny random FluxPipeline with the zero-layer T5: identical padding rows, merged by FluxBackbone."""
+    return _build(merged=True)
+
+
+@pytest.fixture(params=["one_layer_t5", "zero_layer_t5"])
+def any_flux_pipe(request):
+    """Both variants, for tests that must hold with and without padding merge."""
+    name = "tiny_flux_pipe" if request.param == "one_layer_t5" else "tiny_flux_pipe_merged"
+    return request.getfixturevalue(name)
+
+
+PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square"]
+
+
+@pytest.fixture
+def prompts():
+    return list(PROMPTS)
