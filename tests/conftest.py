@@ -156,6 +156,15 @@ def tiny_flux_pipe_merged():
     return _build(merged=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_pipe_bf16():
+    """The 1-layer-T5 variant with every module in bfloat16 (the dtype of GPU rollouts)."""
+    pipe = _build(merged=False)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        m.to(torch.bfloat16)
+    return pipe
+
+
 @pytest.fixture(params=["one_layer_t5", "zero_layer_t5"])
 def any_flux_pipe(request):
     """Both variants, for tests that must hold with and without padding merge."""

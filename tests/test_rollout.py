@@ -52,7 +52,7 @@ def test_rollout_matches_pipeline_other_square_resolutions(tiny_flux_pipe, promp
     torch.testing.assert_close(traj.sample, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("hw", [(16, 32), (8, 32), (24, 8)])
+@pytest.mark.parametrize("hw", [(16, 32), (8, 32), (24, 8)], ids=["16x32", "8x32", "24x8"])
 def test_rollout_matches_pipeline_non_square(tiny_flux_pipe, prompts, hw):
     """check_resolution accepts non-square sizes, so the rollout must reproduce them too.
 
@@ -65,6 +65,19 @@ def test_rollout_matches_pipeline_non_square(tiny_flux_pipe, prompts, hw):
     traj = rollout(bb, prompts[:1], 3, h, w, generator=torch.Generator().manual_seed(2))
     ref = _pipe_images(tiny_flux_pipe, prompts[:1], 3, h, w, 2, output_type="latent")
     torch.testing.assert_close(traj.sample, ref, rtol=0, atol=1e-5)
+
+
+def test_rollout_matches_pipeline_in_bfloat16(tiny_flux_pipe_bf16, prompts):
+    """GPU rollouts run in bf16: the states must still be the pipeline's, bit for bit.
+
+    This needs the same timestep rounding ((sigma * 1000) in bf16, / 1000) and the same Euler
+    update as FlowMatchEulerDiscreteScheduler.step in bf16.
+    """
+    bb = FluxBackbone(tiny_flux_pipe_bf16)
+    traj = rollout(bb, prompts, 4, H, W, generator=torch.Generator().manual_seed(0))
+    ref = _pipe_images(tiny_flux_pipe_bf16, prompts, 4, H, W, 0, output_type="latent")
+    assert traj.sample.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(traj.sample, ref), (traj.sample.float() - ref.float()).abs().max()
 
 
 def test_rollout_guidance_scale_is_used(tiny_flux_pipe, prompts):

@@ -113,3 +113,24 @@ def test_discount_scales_only_its_own_path():
     z = x + schedule.discount(x, 0.3) * 5.0
     z.backward()
     assert x.grad.item() == pytest.approx(1.0 + 0.3 * 5.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_euler_step_matches_scheduler_step_bit_for_bit(dtype):
+    """The rollout's Euler update must be FlowMatchEulerDiscreteScheduler.step's, in every dtype.
+
+    The scheduler upcasts the sample to float32 but multiplies dt (a float32 0-d tensor) with the
+    model output in the model's dtype: prev = sample.float() + dt * model_output.
+    """
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=0.9)
+    sigmas = schedule.flow_sigmas(6, mu=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=gen).to(dtype)
+    for i, t in enumerate(sched.timesteps):
+        v = torch.randn(4, 64, generator=gen).to(dtype)
+        ref = sched.step(v, t, x, return_dict=False)[0]
+        ours = schedule.euler_step(x, v, sigmas[i], sigmas[i + 1])
+        assert ours.dtype == ref.dtype == dtype
+        assert torch.equal(ours, ref), (i, (ours.float() - ref.float()).abs().max())
+        x = ref

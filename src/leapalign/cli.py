@@ -45,7 +45,7 @@ def _eval(args) -> None:
 
     from .backbones import load_backbone
     from .config import ModelConfig
-    from .evaluation import evaluate_model, load_prompt_rows, save_grid, write_json
+    from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
     from .rewards import load_reward
 
     mc = ModelConfig(path=args.model or "shapeworld", height=args.height, width=args.width)
@@ -61,13 +61,14 @@ def _eval(args) -> None:
             raise UserError(f"could not load the LoRA at {args.lora}: {str(e).splitlines()[0]}") from None
     reward = load_reward(args.reward) if args.reward else None
     res, images = evaluate_model(backbone, reward, rows, args.num_steps, mc.height, mc.width, args.batch_size, args.num_images, progress=True)
-    prompts = [r["prompt"] for r in rows][: len(images)]
-    res["per_prompt"] = [{"prompt": p, "seed": r["seed"], **({"reward": res["rewards"][i]} if "rewards" in res else {})}
-                         for i, (p, r) in enumerate(zip(prompts, rows))]
+    rows = spread(rows, args.num_images) if args.num_images else rows
+    prompts = [r["prompt"] for r in rows]
+    res["per_prompt"] = [{"prompt": r["prompt"], "seed": r["seed"], **({"reward": res["rewards"][i]} if "rewards" in res else {})}
+                         for i, r in enumerate(rows)]
     res.pop("rewards", None)
     write_json(out, res)
-    n = min(24, len(images))
-    save_grid(images[:n], prompts[:n], out.with_suffix(".png"), title=str(args.model or "shapeworld base"))
+    pick = spread(list(range(len(images))), 24)
+    save_grid(images[pick], [prompts[i] for i in pick], out.with_suffix(".png"), title=str(args.model or "shapeworld base") + (f" + {args.lora}" if args.lora else ""))
     print(f"wrote {out}: " + (f"reward {res['reward']:.4f} " if "reward" in res else "") +
           (f"ShapeEval overall {res['shapeeval']['overall']:.3f}" if "shapeeval" in res else ""))
 
@@ -100,8 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bar and messages only: no per-file loading bars from diffusers/transformers."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except UserError as e:

@@ -79,9 +79,16 @@ def is_shapeworld(prompts: list[str]) -> bool:
     return True
 
 
+def spread(items: list, n: int) -> list:
+    """n items evenly spaced over the list (every tag of an ordered prompt set gets its share)."""
+    if n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
 def evaluate_model(backbone, reward, rows: list[dict], num_steps: int, height: int, width: int, batch_size: int = 96,
                    num_images: int = 0, progress: bool = False) -> tuple[dict, torch.Tensor]:
-    rows = rows[:num_images] if num_images else rows
+    rows = spread(rows, num_images) if num_images else rows
     prompts = [r["prompt"] for r in rows]
     images = generate(backbone, prompts, [r["seed"] for r in rows], num_steps, height, width, batch_size, progress)
     return score(images, prompts, reward, use_shapeeval=is_shapeworld(prompts)), images

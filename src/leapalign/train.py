@@ -15,7 +15,7 @@ import torch
 from . import config as config_mod
 from .backbones import load_backbone
 from .errors import UserError
-from .evaluation import evaluate_model, load_prompt_rows, save_grid, write_json
+from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
 from .methods import build_method
 from .rewards import load_reward
 from .rollout import rollout
@@ -201,8 +201,9 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         res, imgs = evaluate_model(backbone, reward, eval_rows, ec.num_steps, H, W, ec.batch_size, ec.num_images)
         if ema is not None:
             ema.swap()
-        n = min(ec.grid_size, len(imgs))
-        save_grid(imgs[:n], [r["prompt"] for r in eval_rows[:n]], out / "samples" / f"{tag}.png",
+        evaluated = spread(eval_rows, ec.num_images) if ec.num_images else eval_rows
+        pick = spread(list(range(len(imgs))), ec.grid_size)
+        save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], out / "samples" / f"{tag}.png",
                   title=f"{tag}: reward {res.get('reward', float('nan')):.3f}" + (f", ShapeEval {res['shapeeval']['overall']:.2f}" if "shapeeval" in res else ""))
         return {k: v for k, v in res.items() if k != "rewards"}, imgs
 

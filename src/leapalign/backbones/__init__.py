@@ -42,7 +42,7 @@ def load_backbone(model_cfg, device: torch.device | str = "cpu") -> Backbone:
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=DTYPES[model_cfg.dtype])
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=DTYPES[model_cfg.dtype])
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline at {path}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)

@@ -32,7 +32,7 @@ def load_pipeline(path: str | Path | None = None, dtype=None):
     from diffusers import FluxPipeline
 
     p = _require(Path(path) if path else BASE_DIR, "the ShapeWorld base pipeline")
-    pipe = FluxPipeline.from_pretrained(p, torch_dtype=dtype or torch.float32, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(p, dtype=dtype or torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

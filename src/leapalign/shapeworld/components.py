@@ -56,6 +56,17 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def _apply_merges(toks: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    rank = {m: i for i, m in enumerate(merges)}
+    while len(toks) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(toks, toks[1:]))]
+        r, i = min(pairs)
+        if r == len(rank):
+            break
+        toks = toks[:i] + [toks[i] + toks[i + 1]] + toks[i + 2 :]
+    return toks
+
+
 def make_tokenizers():
     """A CLIP BPE tokenizer whose every grammar word is one token, and a T5 unigram tokenizer."""
     from transformers import CLIPTokenizer, T5TokenizerFast
@@ -69,9 +80,11 @@ def make_tokenizers():
     for c in "abcdefghijklmnopqrstuvwxyz":  # letters keep unknown words representable
         add(c)
         add(c + "</w>")
-    merges = []
+    merges: list[tuple[str, str]] = []
     for word in words:
-        toks = list(word[:-1]) + [word[-1] + "</w>"]
+        # tokenise with the merges so far, then merge what is left left-to-right; later merges
+        # never fire on earlier words, whose own chains always hold a lower-ranked pair
+        toks = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
         while len(toks) > 1:
             merges.append((toks[0], toks[1]))
             toks = [toks[0] + toks[1]] + toks[2:]

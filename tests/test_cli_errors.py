@@ -1,0 +1,105 @@
+"""Bad input gets one clear line on stderr, exit code 2, and no output directory."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leapalign import config
+from leapalign.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "shapeworld_leapalign.yaml"
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "leapalign", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=300)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("leapalign: error:"), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_preset_spells_out_the_defaults():
+    """configs/shapeworld_leapalign.yaml is the demo: it must equal the built-in defaults."""
+    assert config.load(PRESET).to_dict() == config.Config().to_dict()
+
+
+def test_set_overrides_are_typed():
+    cfg = config.load(PRESET, ["train.steps=7", "method.alpha=0.1", "train.ema=0.99", "train.lora_targets=to_q,to_k"])
+    assert cfg.train.steps == 7 and cfg.method["alpha"] == 0.1 and cfg.train.ema == 0.99
+    assert cfg.train.lora_targets == ["to_q", "to_k"]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.stepz=3", "did you mean 'steps'"),
+    ("trian.steps=3", "did you mean 'train'"),
+    ("method.alpah=0.3", "did you mean 'method.alpha'"),
+    ("method.name=leapalgin", "did you mean 'leapalign'"),
+    ("method.alpha=1.5", "method.alpha must be in [0, 1]"),
+    ("method.window=0.8,0.2", "method.window"),
+    ("train.steps=abc", "train.steps must be a number"),
+    ("train.steps=2.5", "whole number"),
+])
+def test_bad_config_values_name_the_problem(override, fragment):
+    with pytest.raises(UserError, match=None) as e:
+        config.load(PRESET, [override])
+    assert fragment in str(e.value)
+
+
+def test_unknown_config_key_exits_2_without_output(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", str(PRESET), "--set", "train.stepz=3", "--set", f"output.dir={out}")
+    assert_one_line_error(proc, "train.stepz", "did you mean 'steps'")
+    assert not out.exists()
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_line_error(run_cli("train", "--config", str(tmp_path / "nope.yaml")), "does not exist")
+
+
+@pytest.mark.parametrize("fn, fragment", [
+    ("no_such_module_xyz:reward", "cannot be imported"),
+    ("tests/data/missing.py:reward", "does not exist"),
+    ("tests/data/user_rewards.py:redniss", "did you mean 'redness'"),
+    ("sharpness", "unknown reward 'sharpness'"),
+    ("tests/data/user_rewards.py:wrong_shape", "must return a tensor of shape (2,)"),
+    ("tests/data/user_rewards.py:not_finite", "non-finite"),
+])
+def test_bad_reward_spec_exits_2_without_output(tmp_path, fn, fragment):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", str(PRESET), "--set", f"reward.fn={fn}", "--set", f"output.dir={out}")
+    assert_one_line_error(proc, fragment)
+    assert not out.exists()
+
+
+def test_resolution_the_model_cannot_take(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", str(PRESET), "--set", "model.height=30", "--set", f"output.dir={out}")
+    assert_one_line_error(proc, "not a multiple of 8")
+    assert not out.exists()
+
+
+def test_missing_model_folder(tmp_path):
+    proc = run_cli("eval", "--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "e.json"))
+    assert_one_line_error(proc, "does not exist")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_unknown_prompt_set(tmp_path):
+    proc = run_cli("eval", "--prompts", "shapeworld:tests", "--output", str(tmp_path / "e.json"))
+    assert_one_line_error(proc, "unknown ShapeWorld prompt set 'tests'")
+
+
+def test_existing_output_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    proc = run_cli("train", "--config", str(PRESET), "--set", f"output.dir={out}")
+    assert_one_line_error(proc, "already exists")
+    assert (out / "keep.txt").read_text() == "precious"
