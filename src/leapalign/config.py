@@ -93,7 +93,7 @@ def _closest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{hit[0]}'?" if hit else ""
 
 
-def _coerce(value, tp, where: str):
+def coerce(value, tp, where: str):
     """Check/convert a YAML value to the field's annotated type."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -101,7 +101,7 @@ def _coerce(value, tp, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        return coerce(value, inner[0], where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -122,12 +122,16 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, (str, int, float)):
             raise UserError(f"{where} must be a string, got {value!r}")
         return str(value)
-    if origin is list:
+    if origin in (list, tuple):
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = [_parse_scalar(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value] if args else list(value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise UserError(f"{where} must have {len(args)} values, got {value!r}")
+            return tuple(coerce(v, a, where) for v, a in zip(value, args))
+        return [coerce(v, args[0], where) for v in value] if args else list(value)
     return value
 
 
@@ -156,10 +160,10 @@ def build(data: dict) -> Config:
         for key, value in values.items():
             if key not in fields:
                 raise UserError(f"unknown config key '{section}.{key}'{_closest(key, [f'{k}' for k in fields])}")
-            setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+            setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
     from .methods import build_method
 
-    build_method(cfg.method)  # validates the method's name and options now, before any work
+    cfg.method = build_method(cfg.method, typed_options=True)  # validates the method's name and options now, before any work
     return cfg
 
 

@@ -35,7 +35,7 @@ def rollout(backbone: Backbone, prompts: list[str], num_steps: int, height: int,
             generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
             keep_velocities: bool = False, progress: bool = False) -> Trajectory:
     """Euler sampling exactly as the backbone's diffusers pipeline does it, recording every state."""
-    cond = backbone.encode_prompts(prompts)
+    cond = backbone.at_resolution(backbone.encode_prompts(prompts), height, width)
     x = noise if noise is not None else backbone.initial_noise(len(prompts), height, width, generator)
     sigmas = backbone.sigmas(num_steps, height, width)
     states, velocities = [x], []

@@ -39,8 +39,12 @@ def flow_sigmas(num_steps: int, *, mu: float | None = None, shift: float = 1.0) 
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float) -> torch.Tensor:
-    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i), computed in float32 like the scheduler."""
-    return (x.float() + (sigma_next - sigma) * v.float()).to(x.dtype)
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i), rounded exactly like the scheduler.
+
+    FlowMatchEulerDiscreteScheduler.step upcasts x to float32 but multiplies dt by v in v's dtype
+    (a 0-dim float32 tensor does not promote a bf16 tensor), then casts back to v's dtype.
+    """
+    return (x.float() + (sigma_next - sigma) * v).to(v.dtype)
 
 
 leap = euler_step  # a leap is an Euler step over a long interval: x_j = x_k + (sigma_j - sigma_k) v

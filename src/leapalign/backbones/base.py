@@ -41,6 +41,10 @@ class Backbone:
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
+    def at_resolution(self, cond: Conditioning, height: int, width: int) -> Conditioning:
+        """The conditioning for images of this size (FLUX adds the image-token positions)."""
+        return cond
+
     def check_resolution(self, height: int, width: int) -> None:
         raise NotImplementedError
 

@@ -104,6 +104,10 @@ class FluxBackbone(Backbone):
         f = self.vae_scale_factor * 2
         return 2 * (height // f), 2 * (width // f)
 
+    def at_resolution(self, cond: Conditioning, height: int, width: int) -> Conditioning:
+        h, w = self.latent_hw(height, width)
+        return Conditioning(cond.batch, {**cond.shared, "img_ids": latent_image_ids(h, w).to(self.device)})
+
     def check_resolution(self, height: int, width: int) -> None:
         f = self.vae_scale_factor * 2
         if height % f or width % f or height <= 0 or width <= 0:
@@ -137,10 +141,13 @@ class FluxBackbone(Backbone):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
-        h = w = int(round(math.sqrt(n_img))) * 2
-        img_ids = getattr(self, "_img_ids", None)
-        if img_ids is None or img_ids.shape[0] != n_img:
-            img_ids = self._img_ids = latent_image_ids(h, w).to(device=x.device, dtype=x.dtype)
+        img_ids = cond.shared.get("img_ids")
+        if img_ids is None:  # no resolution given: only a square token grid is unambiguous
+            side = int(round(math.sqrt(n_img)))
+            if side * side != n_img:
+                raise ValueError(f"{n_img} image tokens are not a square grid; call backbone.at_resolution(cond, height, width) first")
+            img_ids = latent_image_ids(2 * side, 2 * side)
+        img_ids = img_ids.to(device=x.device, dtype=x.dtype)
         kwargs = None
         if "text_bias" in cond.batch:
             bias = cond.batch["text_bias"].to(x.dtype)

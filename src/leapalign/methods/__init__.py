@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 
 from ..errors import UserError
 from .base import Method, Surrogate
@@ -13,8 +14,12 @@ REGISTRY: dict[str, type[Method]] = {
 }
 
 
-def build_method(options: dict) -> Method:
-    """A method from `{"name": ..., **its options}`, with unknown names, keys and bad values rejected."""
+def build_method(options: dict, typed_options: bool = False):
+    """A method from `{"name": ..., **its options}`, with unknown names, keys and bad values rejected.
+
+    With `typed_options`, return the options converted to the fields' types instead (for the config)."""
+    from ..config import coerce
+
     options = dict(options)
     name = options.pop("name", None)
     if name not in REGISTRY:
@@ -26,13 +31,15 @@ def build_method(options: dict) -> Method:
         if key not in fields:
             hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.0)
             raise UserError(f"unknown config key 'method.{key}' for method {name}" + (f"; did you mean 'method.{hint[0]}'?" if hint else ""))
-    for key in ("window",):
-        if key in options and options[key] is not None:
-            options[key] = tuple(float(v) for v in options[key])
+    hints = typing.get_type_hints(cls)
+    options = {k: coerce(v, hints[k], f"method.{k}") for k, v in options.items()}
     try:
-        return cls(**options)
+        method = cls(**options)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
+    if typed_options:  # plain YAML types for config.yaml
+        return {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    return method
 
 
 __all__ = ["REGISTRY", "Method", "Surrogate", "build_method"]
