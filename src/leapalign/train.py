@@ -27,15 +27,53 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], height: int, width: int, lam: float, scale: float):
-    """Decode the real sample once, score it, and return (rewards, per-sample hinge losses, dLoss_b/dx_N)."""
-    x = sample.detach().requires_grad_(True)
+def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], height: int, width: int, lam: float, scale: float,
+                    need_grad: bool = True):
+    """Decode the real sample once, score it, and return (rewards, per-sample hinge losses, dLoss_b/dx_N or None)."""
+    x = sample.detach().requires_grad_(need_grad)
+    if not need_grad:
+        with torch.no_grad():
+            r = reward(backbone.decode(x, height, width), prompts)
+        return r, torch.relu(lam - r) * scale, None
     with torch.enable_grad():
         images = backbone.decode(x, height, width)
         r = reward(images, prompts)
         losses = torch.relu(lam - r) * scale
         (grad,) = torch.autograd.grad(losses.sum(), x)
     return r.detach(), losses.detach(), grad
+
+
+def backward_surrogates(backbone, method, reward, traj, grad, losses, generator, lam: float, scale: float, factor: float = 1.0):
+    """Accumulate into .grad the gradient of factor * (mean over the method's surrogates of the batch-mean weighted loss).
+
+    A connected surrogate reuses the rollout's reward gradient `grad`; an unconnected one (a
+    prediction, e.g. ReFL) is decoded and scored itself.  Returns (loss value, surrogate infos).
+    """
+    params = [p for p in backbone.transformer.parameters() if p.requires_grad]
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    B, H, W = traj.sample.shape[0], traj.height, traj.width
+    loss, infos = 0.0, []
+    for s in method.surrogates(backbone, traj, generator):
+        infos.append(s.info)
+        w = s.weight.to(traj.sample.dtype)
+        if s.connected:
+            if grad is None:
+                raise RuntimeError(f"{method.name} yielded a connected surrogate but declares reward_on_sample = False")
+            coeff = (w * factor / B).view(-1, *[1] * (grad.dim() - 1))
+            torch.autograd.backward(s.endpoint, grad_tensors=grad * coeff)
+            loss += (w * losses).mean().item() * factor
+        else:
+            images = backbone.decode(s.endpoint, H, W)
+            pl = torch.relu(lam - reward(images, traj.prompts)) * scale
+            ((w * pl).mean() * factor).backward()
+            loss += (w * pl.detach()).mean().item() * factor
+    m = len(infos)
+    if m > 1:  # M surrogates of one rollout: their mean is the objective
+        for p, b in zip(params, before):
+            if p.grad is not None:
+                p.grad.sub_(0 if b is None else b).div_(m).add_(0 if b is None else b)
+        loss /= m
+    return loss, infos
 
 
 def setup_trainable(backbone, train_cfg):
@@ -165,6 +203,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     device = accelerator.device
     set_seed(tc.seed)
     method = build_method(cfg.method)
+    method.check(tc.num_steps)
     backbone = load_backbone(cfg.model, device)
     reward = load_reward(cfg.reward.fn, cfg.reward.path).to(device)
     train_rows = load_prompt_rows(tc.prompts)
@@ -233,28 +272,14 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         for _ in range(tc.grad_accum):
             idx = torch.randint(len(train_rows), (B,), generator=gens["prompts"]).tolist()
             prompts = [train_rows[i]["prompt"] for i in idx]
-            traj = rollout(backbone, prompts, tc.num_steps, H, W, generator=gens["noise"])
-            r, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale)
+            traj = rollout(backbone, prompts, tc.num_steps, H, W, generator=gens["noise"], keep_velocities=method.needs_velocities)
+            r, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale,
+                                             need_grad=method.reward_on_sample)
             agg["reward"] += r.mean().item() / tc.grad_accum
-            surrogates = 0
-            for s in method.surrogates(backbone, traj, gens["pairs"]):
-                surrogates += 1
-                infos.append(s.info)
-                w = s.weight.to(grad.dtype)
-                if s.connected:
-                    coeff = (w / (B * tc.grad_accum)).view(-1, *[1] * (grad.dim() - 1))
-                    torch.autograd.backward(s.endpoint, grad_tensors=grad * coeff)
-                    agg["loss"] += (w * losses).mean().item() / tc.grad_accum
-                else:
-                    images = backbone.decode(s.endpoint, H, W)
-                    pl = torch.relu(cfg.reward.lam - reward(images, prompts)) * cfg.reward.scale
-                    ((w * pl).mean() / tc.grad_accum).backward()
-                    agg["loss"] += (w * pl.detach()).mean().item() / tc.grad_accum
-            if surrogates > 1:  # M surrogates of one rollout: their mean is the objective
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.div_(surrogates)
-                agg["loss"] /= surrogates
+            loss, step_infos = backward_surrogates(backbone, method, reward, traj, grad, losses, gens["pairs"], cfg.reward.lam,
+                                                   cfg.reward.scale, 1.0 / tc.grad_accum)
+            agg["loss"] += loss
+            infos += step_infos
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

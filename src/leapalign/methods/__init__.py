@@ -7,10 +7,21 @@ import typing
 
 from ..errors import UserError
 from .base import Method, Surrogate
+from .alignprop import AlignProp
+from .draft import DraftK, DraftLV
+from .drtune import DRTune
+from .flowbp import FlowBPSparse
 from .leapalign import LeapAlign
+from .refl import ReFL
 
 REGISTRY: dict[str, type[Method]] = {
     "leapalign": LeapAlign,
+    "refl": ReFL,
+    "draft_k": DraftK,
+    "draft_lv": DraftLV,
+    "drtune": DRTune,
+    "alignprop": AlignProp,
+    "flowbp_sparse": FlowBPSparse,
 }
 
 

@@ -26,6 +26,11 @@ class Surrogate:
 
 class Method:
     name = "base"
+    needs_velocities = False  # True: the rollout keeps v_i of every step (traj.velocities)
+    reward_on_sample = True  # False: every surrogate is scored itself, so dLoss/dx_N is not needed
+
+    def check(self, num_steps: int) -> None:
+        """Raise UserError if the method cannot run on a rollout of num_steps steps (before any work)."""
 
     def surrogates(self, backbone: Backbone, traj: Trajectory, generator: torch.Generator):
         """Yield surrogates one at a time so each can be back-propagated and freed before the next."""

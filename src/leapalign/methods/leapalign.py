@@ -16,6 +16,7 @@ import torch
 from .. import schedule
 from ..backbones.base import Backbone
 from ..rollout import Trajectory
+from ..errors import UserError
 from .base import Method, Surrogate
 
 
@@ -83,6 +84,12 @@ class LeapAlign(Method):
             raise ValueError(f"method.window must satisfy 0 <= start < end <= 1, got {list(self.window)}")
         if self.fixed_gap is not None and self.fixed_gap < 1:
             raise ValueError(f"method.fixed_gap must be >= 1 or null, got {self.fixed_gap}")
+
+    def check(self, num_steps):
+        try:
+            sample_pairs(num_steps, 0, torch.Generator(), tuple(self.window), self.fixed_gap)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def surrogates(self, backbone, traj, generator):
         for k, j in sample_pairs(traj.num_steps, self.pairs_per_rollout, generator, tuple(self.window), self.fixed_gap):

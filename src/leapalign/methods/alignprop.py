@@ -1,0 +1,29 @@
+"""AlignProp (Prabhudesai et al. 2023): full back-propagation through the last K steps, K random in [1, max_k].
+
+Memory grows with K (one checkpointed model call per step): the reference that shows why LeapAlign exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Method
+from .draft import chain_surrogate
+
+
+@dataclass
+class AlignProp(Method):
+    """Options: max_k (largest K; null = the whole rollout), checkpointing (per model call)."""
+
+    max_k: int | None = None
+    checkpointing: bool = True
+    name = "alignprop"
+
+    def __post_init__(self):
+        if self.max_k is not None and self.max_k < 1:
+            raise ValueError(f"method.max_k must be >= 1 or null, got {self.max_k}")
+
+    def surrogates(self, backbone, traj, generator):
+        top = min(self.max_k or traj.num_steps, traj.num_steps)
+        yield chain_surrogate(backbone, traj, int(torch.randint(1, top + 1, (1,), generator=generator)), self.checkpointing)

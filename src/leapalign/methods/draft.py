@@ -1,0 +1,86 @@
+"""DRaFT (Clark et al. 2024): truncated back-propagation through the end of the rollout.
+
+DRaFT-K re-runs the last K steps chained with gradient from sg(x_{N-K}) and connects the chain's
+endpoint to the real x_N.  DRaFT-LV re-noises the real sample n times to the last step's sigma s,
+    x' = (1 - s) sg(x_N) + s eps,   x0hat = x' + (0 - s) v(x', s),
+and sums the rewards of the n predictions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .. import schedule
+from ..backbones.base import Backbone
+from ..errors import UserError
+from ..rollout import Trajectory
+from .base import Method, Surrogate
+
+
+def chain_surrogate(backbone: Backbone, traj: Trajectory, num: int, checkpointing: bool = False) -> Surrogate:
+    """Euler steps N-num ... N-1 with full gradient from sg(x_{N-num}); value connected to the real x_N."""
+    n = traj.num_steps
+    if not 1 <= num <= n:
+        raise UserError(f"method.k = {num} exceeds the {n} steps of the rollout; lower method.k or raise train.num_steps")
+    s, cond = traj.sigmas, traj.cond
+    x = traj.states[n - num].detach()
+    for i in range(n - num, n):
+        v = checkpoint(backbone.velocity, x, s[i], cond, use_reentrant=False) if checkpointing else backbone.velocity(x, s[i], cond)
+        x = schedule.euler_step(x, v, s[i], s[i + 1])
+    w = torch.ones(x.shape[0], device=x.device)
+    return Surrogate(schedule.connect(x, traj.sample), w, True, {"k": n - num, "K": num})
+
+
+def renoise(x_n: torch.Tensor, s: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x' = (1 - s) sg(x_N) + s eps with eps ~ N(0, I) from `generator` (on the generator's device)."""
+    eps = torch.randn(x_n.shape, generator=generator, device=generator.device).to(x_n.device)
+    return ((1 - s) * x_n.detach().float() + s * eps).to(x_n.dtype)
+
+
+def lv_surrogate(backbone: Backbone, traj: Trajectory, x_noisy: torch.Tensor, n: int) -> Surrogate:
+    """One re-noised draw; weight n because the trainer averages surrogates and DRaFT-LV sums them."""
+    i = traj.num_steps - 1
+    s = traj.sigmas
+    x0hat = schedule.leap(x_noisy, backbone.velocity(x_noisy, s[i], traj.cond), s[i], s[-1])
+    return Surrogate(x0hat, torch.full((x0hat.shape[0],), float(n), device=x0hat.device), False, {"k": i})
+
+
+@dataclass
+class DraftK(Method):
+    """Options: k (how many final steps carry gradient), checkpointing (recompute each model call in backward)."""
+
+    k: int = 1
+    checkpointing: bool = False
+    name = "draft_k"
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"method.k must be >= 1, got {self.k}")
+
+    def check(self, num_steps):
+        if self.k > num_steps:
+            raise UserError(f"method.k = {self.k} exceeds the {num_steps} steps of the rollout; lower method.k or raise train.num_steps")
+
+    def surrogates(self, backbone, traj, generator):
+        yield chain_surrogate(backbone, traj, self.k, self.checkpointing)
+
+
+@dataclass
+class DraftLV(Method):
+    """Options: n (re-noised copies of the sample per rollout, rewards summed)."""
+
+    n: int = 2
+    name = "draft_lv"
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"method.n must be >= 1, got {self.n}")
+
+    reward_on_sample = False
+
+    def surrogates(self, backbone, traj, generator):
+        s = traj.sigmas[traj.num_steps - 1]
+        for _ in range(self.n):
+            yield lv_surrogate(backbone, traj, renoise(traj.sample, s, generator), self.n)

@@ -1,0 +1,319 @@
+"""The baseline methods against independent, direct references written out with plain torch ops.
+
+Library: the trainer's own `backward_surrogates` (shared reward gradient for connected surrogates,
+decode-and-score for unconnected ones, mean over the surrogates of a rollout).
+Reference: the method's loss as its paper writes it, decoded, scored with a toy reward, hinged,
+averaged over the batch, back-propagated.  The transformer's parameter gradients must agree.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapalign.backbones.flux import FluxBackbone
+from leapalign.errors import UserError
+from leapalign.methods import REGISTRY, Method, build_method
+from leapalign.methods.draft import DraftLV, chain_surrogate, lv_surrogate
+from leapalign.methods.drtune import drtune_surrogate, spaced_steps
+from leapalign.methods.flowbp import flowbp_surrogate
+from leapalign.methods.refl import refl_surrogate, window_steps
+from leapalign.rollout import rollout
+from leapalign.train import backward_surrogates
+
+H = W = 16
+STEPS = 6
+SCALE = 2.0
+
+
+class ToyReward:
+    """Differentiable: mean brightness plus a fixed random linear function of the image, per sample."""
+
+    def __init__(self, seed: int = 0):
+        self.R = torch.randn(3, H, W, generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, img: torch.Tensor, prompts=None) -> torch.Tensor:
+        return img.mean((1, 2, 3)) + (img * self.R).mean((1, 2, 3))
+
+
+class Setup:
+    def __init__(self, pipe, prompts, seed=0):
+        self.bb = FluxBackbone(pipe)
+        self.traj = rollout(self.bb, prompts, STEPS, H, W, generator=torch.Generator().manual_seed(seed), keep_velocities=True)
+        self.reward = ToyReward(seed)
+        with torch.no_grad():
+            r = self.reward(self.bb.decode(self.traj.sample, H, W))
+        rs = torch.sort(r).values
+        self.lam = float((rs[1] + rs[2]) / 2)  # two active hinges, one inactive
+        self.B = len(prompts)
+
+    def loss(self, x):
+        """Batch mean of the hinge loss of the decoded latent x."""
+        return (torch.relu(self.lam - self.reward(self.bb.decode(x, H, W))) * SCALE).mean()
+
+    def grads(self):
+        out = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.bb.transformer.parameters()]
+        self.bb.transformer.zero_grad(set_to_none=True)
+        self.bb.vae.zero_grad(set_to_none=True)
+        return out
+
+    def library(self, method, generator=None):
+        """Gradient (and infos) of `method` as the trainer back-propagates it."""
+        self.grads()
+        x = self.traj.sample.detach().requires_grad_(True)
+        losses = torch.relu(self.lam - self.reward(self.bb.decode(x, H, W))) * SCALE
+        (g,) = torch.autograd.grad(losses.sum(), x)
+        _, infos = backward_surrogates(self.bb, method, self.reward, self.traj, g, losses.detach(),
+                                       generator or torch.Generator().manual_seed(0), self.lam, SCALE)
+        return self.grads(), infos
+
+    def reference(self, loss):
+        self.grads()
+        loss.backward()
+        return self.grads()
+
+
+class Fixed(Method):
+    """A method whose random choices are fixed by the test: yields what `build(backbone, traj)` returns."""
+
+    def __init__(self, *build):
+        self.build = build
+
+    def surrogates(self, backbone, traj, generator):
+        for b in self.build:
+            yield b(backbone, traj)
+
+
+def assert_grads_close(a, b, rel=1e-5):
+    scale = max(float(t.abs().max()) for t in b)
+    assert scale > 0, "reference gradient is zero: the test would be vacuous"
+    worst = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    assert worst <= rel * scale + 1e-12, f"max |diff| {worst:.3e} vs max |grad| {scale:.3e}"
+
+
+def grads_differ(a, b, rel=1e-3):
+    scale = max(float(t.abs().max()) for t in b)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b)) > rel * scale
+
+
+@pytest.fixture(scope="module")
+def s(tiny_flux_pipe):
+    from conftest import PROMPTS
+
+    return Setup(tiny_flux_pipe, list(PROMPTS))
+
+
+def v(s, x, i):
+    return s.bb.velocity(x, s.traj.sigmas[i], s.traj.cond)
+
+
+# ---------------------------------------------------------------- references
+
+
+def ref_refl(s, t):
+    x_t, sig = s.traj.states[t], s.traj.sigmas
+    return s.loss(x_t - sig[t] * v(s, x_t.detach(), t))
+
+
+def ref_chain(s, K):
+    """Plain Euler steps N-K ... N-1 with autograd; the real x_N's value, the chain's gradient."""
+    x, sig = s.traj.states[STEPS - K].detach(), s.traj.sigmas
+    for i in range(STEPS - K, STEPS):
+        x = x + (sig[i + 1] - sig[i]) * v(s, x, i)
+    return s.loss(x + (s.traj.sample - x).detach()), x
+
+
+def ref_lv(s, eps_list):
+    sig = s.traj.sigmas[STEPS - 1]
+    total = 0.0
+    for eps in eps_list:
+        xp = (1 - sig) * s.traj.sample + sig * eps
+        total = total + s.loss(xp - sig * v(s, xp, STEPS - 1))
+    return total
+
+
+def ref_drtune(s, trained, t_min, keep_all=False):
+    """DRTune's sampling loop re-run from the noise: inputs detached, untrained velocities detached."""
+    sig = s.traj.sigmas
+    x = s.traj.states[0]
+    for i in range(t_min):
+        vi = v(s, x.detach(), i)
+        x = x + (sig[i + 1] - sig[i]) * (vi if (keep_all or i in trained) else vi.detach())
+    return s.loss(x - sig[t_min] * v(s, x.detach(), t_min)), x
+
+
+def ref_flowbp(s, active):
+    """Straight-through: value x_N, gradient sum over active i of dt_i dv_i/dtheta (inputs detached)."""
+    sig, x = s.traj.sigmas, s.traj.states
+    inc = sum((sig[i + 1] - sig[i]) * v(s, x[i].detach(), i) for i in active)
+    return s.loss(s.traj.sample + inc - inc.detach())
+
+
+# ---------------------------------------------------------------- fixed choices == reference
+
+
+@pytest.mark.parametrize("t", [3, 5])
+def test_refl_gradient(s, t):
+    sur = refl_surrogate(s.bb, s.traj, t)
+    assert not sur.connected and sur.info["k"] == t
+    g, _ = s.library(Fixed(lambda bb, tr: refl_surrogate(bb, tr, t)))
+    assert_grads_close(g, s.reference(ref_refl(s, t)))
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_draft_k_gradient_and_endpoint(s, K):
+    sur = chain_surrogate(s.bb, s.traj, K)
+    assert sur.connected and (sur.info["k"], sur.info["K"]) == (STEPS - K, K)
+    torch.testing.assert_close(sur.endpoint.detach(), s.traj.sample, rtol=0, atol=1e-5)
+    loss, x_chain = ref_chain(s, K)
+    torch.testing.assert_close(x_chain.detach(), s.traj.sample, rtol=0, atol=1e-5)  # recomputation == rollout
+    g_ref = s.reference(loss)
+    g, _ = s.library(build_method({"name": "draft_k", "k": K}))
+    assert_grads_close(g, g_ref)
+
+
+def test_alignprop_checkpointing_matches_plain_and_reference(s):
+    g_ref = s.reference(ref_chain(s, STEPS)[0])
+    g_ckpt, _ = s.library(Fixed(lambda bb, tr: chain_surrogate(bb, tr, STEPS, checkpointing=True)))
+    g_plain, _ = s.library(Fixed(lambda bb, tr: chain_surrogate(bb, tr, STEPS, checkpointing=False)))
+    assert_grads_close(g_ckpt, g_ref)
+    assert_grads_close(g_plain, g_ref)
+    assert grads_differ(s.reference(ref_chain(s, 1)[0]), g_ref)  # K matters
+
+
+def test_alignprop_method_draws_k_and_matches_reference(s):
+    seen = set()
+    for seed in range(12):
+        g, infos = s.library(build_method({"name": "alignprop", "max_k": 3}), torch.Generator().manual_seed(seed))
+        (info,) = infos
+        assert 1 <= info["K"] <= 3 and info["k"] == STEPS - info["K"]
+        if info["K"] not in seen:
+            seen.add(info["K"])
+            assert_grads_close(g, s.reference(ref_chain(s, info["K"])[0]))
+    assert seen == {1, 2, 3}
+    infos = list(build_method({"name": "alignprop", "max_k": 99}).surrogates(s.bb, s.traj, torch.Generator().manual_seed(0)))
+    assert 1 <= infos[0].info["K"] <= STEPS  # clamped to the rollout
+
+
+def test_draft_lv_sums_rewards_over_renoisings(s):
+    seed, n = 3, 2
+    gen = torch.Generator().manual_seed(seed)
+    eps = [torch.randn(s.traj.sample.shape, generator=gen) for _ in range(n)]
+    g_ref = s.reference(ref_lv(s, eps))
+    g, infos = s.library(DraftLV(n=n), torch.Generator().manual_seed(seed))
+    assert [i["k"] for i in infos] == [STEPS - 1] * n
+    assert_grads_close(g, g_ref)
+    assert grads_differ(s.reference(ref_lv(s, eps[:1])), g_ref)  # both draws count
+    sur = lv_surrogate(s.bb, s.traj, s.traj.sample, n)
+    assert not sur.connected and torch.equal(sur.weight, torch.full((s.B,), float(n)))
+
+
+@pytest.mark.parametrize("trained,t_min", [([0, 2], 4), ([1], 3), ([], 5)])
+def test_drtune_gradient(s, trained, t_min):
+    loss, x_tmin = ref_drtune(s, trained, t_min)
+    torch.testing.assert_close(x_tmin.detach(), s.traj.states[t_min], rtol=0, atol=1e-5)
+    g_ref = s.reference(loss)
+    sur = drtune_surrogate(s.bb, s.traj, trained, t_min)
+    assert not sur.connected and (sur.info["k"], sur.info["j"]) == (trained, t_min)
+    g, _ = s.library(Fixed(lambda bb, tr: drtune_surrogate(bb, tr, trained, t_min)))
+    assert_grads_close(g, g_ref)
+    # the detached steps contribute nothing: keeping them all would change the gradient
+    assert grads_differ(s.reference(ref_drtune(s, trained, t_min, keep_all=True)[0]), g_ref)
+
+
+def test_drtune_method_choices(s):
+    for seed in range(8):
+        g, (info,) = s.library(build_method({"name": "drtune", "k": 2}), torch.Generator().manual_seed(seed))
+        t_min, trained = info["j"], info["k"]
+        assert t_min in window_steps(STEPS, (0.56, 1.0))
+        assert len(trained) == min(2, t_min) and all(0 <= i < t_min for i in trained)
+        if seed < 2:
+            assert_grads_close(g, s.reference(ref_drtune(s, trained, t_min)[0]))
+
+
+def test_spaced_steps_are_even_with_random_offset():
+    offsets = set()
+    for seed in range(40):
+        steps = spaced_steps(14, 2, torch.Generator().manual_seed(seed))
+        assert len(steps) == 2 and steps[1] - steps[0] == 7 and 0 <= steps[0] < 7 and steps[1] < 14
+        offsets.add(steps[0])
+    assert len(offsets) > 3
+    assert spaced_steps(2, 3, torch.Generator()) == [0, 1]
+    assert spaced_steps(0, 2, torch.Generator()) == []
+
+
+@pytest.mark.parametrize("active", [[2], [0, 4]])
+def test_flowbp_sparse_gradient_and_endpoint(s, active):
+    x, sig, vel = s.traj.states, s.traj.sigmas, s.traj.velocities
+    rebuilt = x[0] + sum((sig[i + 1] - sig[i]) * vel[i] for i in range(STEPS))
+    torch.testing.assert_close(rebuilt, s.traj.sample, rtol=0, atol=1e-5)
+    sur = flowbp_surrogate(s.bb, s.traj, active)
+    assert sur.connected and sur.info["k"] == active
+    torch.testing.assert_close(sur.endpoint.detach(), s.traj.sample, rtol=0, atol=1e-5)
+    g, _ = s.library(Fixed(lambda bb, tr: flowbp_surrogate(bb, tr, active)))
+    assert_grads_close(g, s.reference(ref_flowbp(s, active)))
+
+
+def test_flowbp_sparse_method(s):
+    method = build_method({"name": "flowbp_sparse", "k": 3})
+    assert method.needs_velocities
+    g, (info,) = s.library(method, torch.Generator().manual_seed(1))
+    assert len(set(info["k"])) == 3 and all(0 <= i < STEPS for i in info["k"])
+    assert_grads_close(g, s.reference(ref_flowbp(s, info["k"])))
+    with pytest.raises(UserError, match="method.k"):
+        list(build_method({"name": "flowbp_sparse", "k": STEPS + 1}).surrogates(s.bb, s.traj, torch.Generator()))
+
+
+def test_refl_method_draws_from_window(s):
+    seen = set()
+    for seed in range(12):
+        (sur,) = build_method({"name": "refl"}).surrogates(s.bb, s.traj, torch.Generator().manual_seed(seed))
+        seen.add(sur.info["k"])
+    assert seen == {3, 4, 5}  # late half of 6 steps
+    g, (info,) = s.library(build_method({"name": "refl", "window": [0.0, 0.5]}), torch.Generator().manual_seed(4))
+    assert info["k"] in (0, 1, 2)
+    assert_grads_close(g, s.reference(ref_refl(s, info["k"])))
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_every_method_builds_with_defaults():
+    for name in REGISTRY:
+        method = build_method({"name": name})
+        assert method.name == name
+        assert build_method({"name": name}, typed_options=True) == {"name": name}
+
+
+@pytest.mark.parametrize("options,word", [
+    ({"name": "refl", "window": [0.5, 0.5]}, "method.window"),
+    ({"name": "refl", "window": [0.0, 1.5]}, "method.window"),
+    ({"name": "draft_k", "k": 0}, "method.k"),
+    ({"name": "draft_lv", "n": 0}, "method.n"),
+    ({"name": "drtune", "k": 0}, "method.k"),
+    ({"name": "drtune", "stop_window": [0.9, 0.2]}, "method.stop_window"),
+    ({"name": "alignprop", "max_k": 0}, "method.max_k"),
+    ({"name": "flowbp_sparse", "k": -1}, "method.k"),
+    ({"name": "alignprop", "checkpointing": "maybe"}, "method.checkpointing"),
+    ({"name": "draft_k", "K": 2}, "method.K"),
+])
+def test_bad_options_raise_user_error(options, word):
+    with pytest.raises(UserError, match=word.replace(".", r"\.")):
+        build_method(options)
+
+
+def test_empty_window_and_too_many_steps_are_clear(s):
+    with pytest.raises(UserError, match="method.window"):
+        window_steps(4, (0.5, 0.6))
+    with pytest.raises(UserError, match="method.k"):
+        chain_surrogate(s.bb, s.traj, STEPS + 1)
+
+
+def test_every_method_runs_in_bf16(tiny_flux_pipe_bf16):
+    """The dtype of GPU rollouts: every method trains through the real trainer path, finite gradients."""
+    from conftest import PROMPTS
+
+    bf = Setup(tiny_flux_pipe_bf16, list(PROMPTS))
+    for name in REGISTRY:
+        g, infos = bf.library(build_method({"name": name}))
+        assert infos and all(bool(torch.isfinite(t).all()) for t in g), name
+        assert any(float(t.abs().max()) > 0 for t in g), name
