@@ -14,8 +14,9 @@ from .draft import chain_surrogate
 
 @dataclass
 class AlignProp(Method):
-    """Options: max_k (largest K; null = the whole rollout), checkpointing (per model call)."""
+    """Options: min_k, max_k (K is uniform in [min_k, max_k]; max_k null = the whole rollout), checkpointing (per model call)."""
 
+    min_k: int = 1
     max_k: int | None = None
     checkpointing: bool = True
     name = "alignprop"
@@ -23,7 +24,10 @@ class AlignProp(Method):
     def __post_init__(self):
         if self.max_k is not None and self.max_k < 1:
             raise ValueError(f"method.max_k must be >= 1 or null, got {self.max_k}")
+        if self.min_k < 1 or (self.max_k is not None and self.min_k > self.max_k):
+            raise ValueError(f"method.min_k must be >= 1 and <= method.max_k, got {self.min_k}")
 
     def surrogates(self, backbone, traj, generator):
         top = min(self.max_k or traj.num_steps, traj.num_steps)
-        yield chain_surrogate(backbone, traj, int(torch.randint(1, top + 1, (1,), generator=generator)), self.checkpointing)
+        low = min(self.min_k, top)
+        yield chain_surrogate(backbone, traj, int(torch.randint(low, top + 1, (1,), generator=generator)), self.checkpointing)

@@ -19,6 +19,11 @@ from . import components, world
 from ..rewards.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipReward, preprocess
 
 
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+# Layout is what the base model lacks and what alignment must fix, so the reward sees it more often.
+TAG_WEIGHTS = {"position": 3.0, "color_attr": 1.5}
+
+
 def hard_negatives(prompt: str, rng: random.Random) -> list[str]:
     """Captions that differ from `prompt` in one checked attribute: colour, shape, size, count, relation, binding."""
     spec = world.parse(prompt)
@@ -43,6 +48,7 @@ def hard_negatives(prompt: str, rng: random.Random) -> list[str]:
     elif spec.tag == "position":
         a, b = o
         negs.append(world.caption(S("position", (b, a), spec.relation)))  # swapped objects
+        negs.append(world.caption(S("position", (a, b), OPPOSITE[spec.relation])))  # opposite relation
         if a.color != b.color:
             negs.append(world.caption(S("position", (O(a.shape, b.color), O(b.shape, a.color)), spec.relation)))
         negs.append(world.caption(S("position", (O(other(world.SHAPES, a.shape), a.color), b), spec.relation)))
@@ -87,8 +93,8 @@ def ranking_accuracy(reward: ClipReward, n: int, seed: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3500)
+    ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -101,7 +107,7 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         caps, imgs, negs = [], [], []
         for _ in range(args.batch):
-            cap, objs = world.random_scene(rng)
+            cap, objs = world.random_scene(rng, TAG_WEIGHTS)
             caps.append(cap)
             imgs.append(world.render_scene(objs))
             negs.append(hard_negatives(cap, rng))

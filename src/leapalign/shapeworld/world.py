@@ -290,10 +290,11 @@ def render_batch(prompt_list: list[str], seeds: list[int] | None = None):
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def random_scene(rng: random.Random) -> tuple[str, list[Shape]]:
-    """A random training pair: a tag drawn uniformly, then a train-set prompt of it, then a scene."""
+def random_scene(rng: random.Random, tag_weights: dict[str, float] | None = None) -> tuple[str, list[Shape]]:
+    """A random training pair: a tag (uniform, or by `tag_weights`), then a train-set prompt of it, then a scene."""
     specs = _train_specs()
-    spec = rng.choice(specs[rng.choice(TAGS)])
+    tag = rng.choices(TAGS, weights=[(tag_weights or {}).get(t, 1.0) for t in TAGS])[0] if tag_weights else rng.choice(TAGS)
+    spec = rng.choice(specs[tag])
     return caption(spec), sample_scene(spec, rng)
 
 

@@ -1,0 +1,156 @@
+"""Every method on equal terms on ShapeWorld: same base, reward, prompts, rollout budget and seeds.
+
+Each (variant, seed) is one `leapalign train` run in its own process (so its peak memory is its
+own), all with the demo's settings unless overridden.  Writes `methods.md` (mean +/- std over
+seeds of ShapeScore and ShapeEval after training, seconds per iteration, peak memory) and
+`methods.png` (reward versus iteration and versus wall-clock, bands over seeds).
+
+    python benchmarks/compare_methods.py                     # all methods and ablations, 3 seeds
+    python benchmarks/compare_methods.py --variants leapalign,refl --seeds 0,1,2 --steps 60
+    python benchmarks/compare_methods.py --quick             # smoke test: 2 steps, 1 seed, tiny eval
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "shapeworld_leapalign.yaml"
+
+# name -> --set overrides; the baselines with their defaults, then LeapAlign's ablations.
+VARIANTS: dict[str, list[str]] = {
+    "leapalign": ["method.name=leapalign"],
+    "refl": ["method.name=refl"],
+    "draft_lv": ["method.name=draft_lv"],
+    "draft_k": ["method.name=draft_k", "method.k=2"],
+    "drtune": ["method.name=drtune"],
+    "alignprop": ["method.name=alignprop"],
+    "flowbp_sparse": ["method.name=flowbp_sparse"],
+    "leapalign_alpha0": ["method.name=leapalign", "method.alpha=0"],
+    "leapalign_alpha1": ["method.name=leapalign", "method.alpha=1"],
+    "leapalign_noweight": ["method.name=leapalign", "method.weighting=false"],
+    "leapalign_latehalf": ["method.name=leapalign", "method.window=0.5,1"],
+    "leapalign_gap1": ["method.name=leapalign", "method.fixed_gap=1"],
+}
+TAGS = ["single_object", "two_objects", "counting", "colors", "position", "color_attr"]
+
+
+def run_one(variant: str, seed: int, work: Path, extra: list[str]) -> dict:
+    out = work / f"{variant}_seed{seed}"
+    cmd = [sys.executable, "-m", "leapalign", "train", "--config", str(PRESET)]
+    for item in [*VARIANTS[variant], f"train.seed={seed}", f"output.dir={out}", "output.tensorboard=false", "output.overwrite=true", *extra]:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"variant": variant, "seed": seed, "summary": summary, "metrics": metrics}
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    a = np.asarray(values, dtype=float)
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
+
+
+def table(runs: list[dict], command: str) -> str:
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    base = runs[0]["summary"]["before"]
+    lines = ["# Methods compared on ShapeWorld", "", f"Command: `{command}`", "",
+             f"Base model before training: ShapeScore {base['reward']:.3f}, ShapeEval overall {base['shapeeval']['overall']:.3f}, "
+             f"position {base['shapeeval']['position']:.3f}.  Values after training, mean ± std over seeds "
+             f"({len({r['seed'] for r in runs})} seeds); s/iter and peak RSS are per training iteration on this machine.", "",
+             "| method | ShapeScore | ShapeEval overall | " + " | ".join(TAGS) + " | s/iter | peak MB |",
+             "|---|" + "---|" * (len(TAGS) + 4)]
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        after = [r["summary"]["after"] for r in rs]
+        secs = [np.mean([m["seconds"] for m in r["metrics"]]) for r in rs]
+        peak = max(max(m["peak_memory_mb"] for m in r["metrics"]) for r in rs)
+        cells = [fmt([a["reward"] for a in after]), fmt([a["shapeeval"]["overall"] for a in after], 2)]
+        cells += [fmt([a["shapeeval"][t] for a in after], 2) for t in TAGS]
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean(secs):.2f} | {peak:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for v in dict.fromkeys(r["variant"] for r in runs):
+        rs = [r for r in runs if r["variant"] == v]
+        n = min(len(r["metrics"]) for r in rs)
+        rew = np.array([[m["reward"] for m in r["metrics"][:n]] for r in rs])
+        clock = np.array([np.cumsum([m["seconds"] for m in r["metrics"][:n]]) for r in rs]).mean(0)
+        k = max(1, n // 10)  # moving average: single-batch rewards are noisy
+        smooth = np.array([np.convolve(row, np.ones(k) / k, mode="valid") for row in rew])
+        mean, std = smooth.mean(0), smooth.std(0)
+        it = np.arange(k, n + 1)
+        for ax, x in ((axes[0], it), (axes[1], clock[k - 1:])):
+            (line,) = ax.plot(x, mean, label=v, lw=1.5)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("wall-clock seconds")
+    for ax in axes:
+        ax.set_ylabel("training reward (ShapeScore, moving average)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: " + ", ".join(VARIANTS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=None, help="training iterations per run (default: the preset's)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="extra override for every run")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2 iterations, seed 0, 8 eval images of 4 steps")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--keep-runs", type=Path, default=None, help="keep every run's output folder here")
+    args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = list(args.set)
+    if args.quick:
+        seeds = seeds[:1]
+        extra += ["train.steps=2", "train.batch_size=2", "train.num_steps=4", "eval.num_images=8", "eval.num_steps=4", "eval.grid_size=4"]
+    elif args.steps is not None:
+        extra.append(f"train.steps={args.steps}")
+    work = args.keep_runs or Path(tempfile.mkdtemp(prefix="leapalign_compare_"))
+    runs = []
+    try:
+        for v in variants:
+            for s in seeds:
+                runs.append(run_one(v, s, work, extra))
+                a = runs[-1]["summary"]["after"]
+                print(f"{v:20s} seed {s}: ShapeScore {a['reward']:.3f}  ShapeEval {a['shapeeval']['overall']:.3f}  "
+                      f"position {a['shapeeval']['position']:.3f}", flush=True)
+    finally:
+        if args.keep_runs is None:
+            shutil.rmtree(work, ignore_errors=True)
+    command = "python benchmarks/compare_methods.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    text = table(runs, command.strip())
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "methods_quick" if args.quick else "methods"
+    (args.out / f"{name}.md").write_text(text)
+    plot(runs, args.out / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main()
