@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int = 8
     num_steps: int = 16  # rollout length
     prompts: str = "shapeworld:train"  # "shapeworld:train|eval" or a text file, one prompt a line
+    balance_tags: bool = True  # draw a task tag uniformly, then a prompt of it (prompt sets with tags)
     finetune: str = "lora"  # lora | full
     lora_rank: int = 8
     lora_alpha: float = 8.0

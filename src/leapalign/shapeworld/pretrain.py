@@ -147,7 +147,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stage", choices=["vae", "flux", "all"], default="all")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--vae-steps", type=int, default=1000)
-    ap.add_argument("--flux-steps", type=int, default=4000)
+    ap.add_argument("--flux-steps", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
