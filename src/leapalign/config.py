@@ -36,8 +36,8 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8
+    steps: int = 300
+    batch_size: int = 16
     num_steps: int = 16  # rollout length
     prompts: str = "shapeworld:train"  # "shapeworld:train|eval" or a text file, one prompt a line
     balance_tags: bool = True  # draw a task tag uniformly, then a prompt of it (prompt sets with tags)
@@ -45,7 +45,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
-    lr: float = 1e-3
+    lr: float = 1e-4  # 1e-3 and 3e-4 degraded ShapeEval on the demo (docs/leapalign.md)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
@@ -76,7 +76,7 @@ class OutputConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: dict = field(default_factory=lambda: {"name": "leapalign"})
+    method: dict = field(default_factory=lambda: {"name": "leapalign", "pairs_per_rollout": 2})
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -153,7 +153,9 @@ def build(data: dict) -> Config:
         if not isinstance(values, dict):
             raise UserError(f"config section '{section}' must be a mapping of keys to values")
         if section == "method":
-            cfg.method = {**cfg.method, **values}
+            # another method starts from its own defaults, not from the default method's options
+            same = values.get("name", cfg.method["name"]) == cfg.method["name"]
+            cfg.method = {**cfg.method, **values} if same else dict(values)
             continue
         obj = getattr(cfg, section)
         fields = {f.name: f for f in dataclasses.fields(obj)}
