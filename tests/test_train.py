@@ -43,7 +43,7 @@ def _run(tmp_path, name, *overrides):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     eval_prompts.write_text("\n".join(EVAL_PROMPTS) + "\n")  # seeds are the line numbers
     cfg = config.load(None, [f"output.dir={tmp_path / name}", f"train.prompts={prompts}", f"eval.prompts={eval_prompts}",
-                             "train.batch_size=6", "train.num_steps=8", "eval.num_steps=8", "eval.grid_size=6",
+                             "train.batch_size=6", "train.num_steps=8", "train.lr=1e-3", "eval.num_steps=8", "eval.grid_size=6",
                              "output.tensorboard=false", *overrides])
     return train(cfg, progress=False), tmp_path / name
 
@@ -65,7 +65,8 @@ def test_short_training_raises_the_reward_and_writes_every_output(trained):
     assert [r["step"] for r in rows] == list(range(1, 31))
     for key in ("reward", "loss", "grad_norm", "d_j", "d_N", "weight", "k", "j", "seconds", "peak_memory_mb"):
         assert key in rows[0], key
-    assert all(0 <= r["k"] < r["j"] < 8 for r in rows)
+    pairs = [(k, j) for r in rows for k, j in zip(*(([r["k"]], [r["j"]]) if isinstance(r["k"], int) else (r["k"], r["j"])))]
+    assert len(pairs) == 30 * 2 and all(0 <= k < j < 8 for k, j in pairs)  # two pairs per rollout by default
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 

@@ -181,6 +181,9 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    new_name = [i.split("=", 1)[1] for i in overrides or [] if i.split("=", 1)[0].strip() == "method.name"]
+    if new_name and isinstance(data.get("method"), dict) and data["method"].get("name", "leapalign") != new_name[-1]:
+        data["method"] = {}  # switching method: the file's options belong to the other method
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise UserError(f"--set expects section.key=value, got {item!r}")
