@@ -57,7 +57,7 @@ def run_one(variant: str, seed: int, work: Path, extra: list[str]) -> dict:
 
 def fmt(values: list[float], digits: int = 3) -> str:
     a = np.asarray(values, dtype=float)
-    return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}" if len(a) > 1 else f"{a[0]:.{digits}f}"
 
 
 def table(runs: list[dict], command: str) -> str:
