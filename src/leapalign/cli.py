@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-DEMO_CONFIG = None  # the defaults of config.Config are the demo; configs/shapeworld_leapalign.yaml spells them out
 
 
 def _train(args) -> None:
