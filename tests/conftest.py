@@ -178,3 +178,18 @@ PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yel
 @pytest.fixture
 def prompts():
     return list(PROMPTS)
+
+
+# ---------------------------------------------------------------- gradient comparisons shared by the method tests
+
+
+def assert_grads_close(a, b, rel=1e-5):
+    scale = max(float(t.abs().max()) for t in b)
+    assert scale > 0, "reference gradient is zero: the test would be vacuous"
+    worst = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    assert worst <= rel * scale + 1e-12, f"max |diff| {worst:.3e} vs max |grad| {scale:.3e}"
+
+
+def grads_differ(a, b, rel=1e-3):
+    scale = max(float(t.abs().max()) for t in b)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b)) > rel * scale

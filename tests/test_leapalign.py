@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import assert_grads_close, grads_differ
 
 from leapalign.backbones.flux import FluxBackbone
 from leapalign.methods.leapalign import LeapAlign, leap_surrogate, sample_pairs
@@ -89,18 +90,6 @@ def reference_loss(s: Setup, k, j, alpha, tau, weighting, detach_second_input=Fa
         d_n = (xhat_n - x_n).abs().mean(dim=(1, 2))
         w = 1.0 / (torch.clamp(d_j, min=tau) + torch.clamp(d_n, min=tau)) if weighting else torch.ones(s.B)
     return (w * per_sample).mean(), w, d_j, d_n
-
-
-def assert_grads_close(a, b, rel=1e-5):
-    scale = max(float(t.abs().max()) for t in b)
-    assert scale > 0, "reference gradient is zero: the test would be vacuous"
-    worst = max(float((x - y).abs().max()) for x, y in zip(a, b))
-    assert worst <= rel * scale + 1e-12, f"max |diff| {worst:.3e} vs max |grad| {scale:.3e}"
-
-
-def grads_differ(a, b, rel=1e-3):
-    scale = max(float(t.abs().max()) for t in b)
-    return max(float((x - y).abs().max()) for x, y in zip(a, b)) > rel * scale
 
 
 @pytest.fixture(scope="module")

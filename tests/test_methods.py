@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_grads_close, grads_differ
 
 from leapalign.backbones.flux import FluxBackbone
 from leapalign.errors import UserError
@@ -81,18 +82,6 @@ class Fixed(Method):
     def surrogates(self, backbone, traj, generator):
         for b in self.build:
             yield b(backbone, traj)
-
-
-def assert_grads_close(a, b, rel=1e-5):
-    scale = max(float(t.abs().max()) for t in b)
-    assert scale > 0, "reference gradient is zero: the test would be vacuous"
-    worst = max(float((x - y).abs().max()) for x, y in zip(a, b))
-    assert worst <= rel * scale + 1e-12, f"max |diff| {worst:.3e} vs max |grad| {scale:.3e}"
-
-
-def grads_differ(a, b, rel=1e-3):
-    scale = max(float(t.abs().max()) for t in b)
-    return max(float((x - y).abs().max()) for x, y in zip(a, b)) > rel * scale
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backbones.base import Backbone
+from ..errors import UserError
 from ..rollout import Trajectory
 
 
@@ -22,6 +23,12 @@ class Surrogate:
     weight: torch.Tensor
     connected: bool = True
     info: dict = field(default_factory=dict)
+
+
+def check_steps(k: int, num_steps: int) -> None:
+    """`method.k` model calls with gradient must fit in the rollout."""
+    if not 1 <= k <= num_steps:
+        raise UserError(f"method.k = {k} exceeds the {num_steps} steps of the rollout; lower method.k or raise train.num_steps")
 
 
 class Method:

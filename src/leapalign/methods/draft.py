@@ -14,16 +14,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import schedule
 from ..backbones.base import Backbone
-from ..errors import UserError
 from ..rollout import Trajectory
-from .base import Method, Surrogate
+from .base import Method, Surrogate, check_steps
 
 
 def chain_surrogate(backbone: Backbone, traj: Trajectory, num: int, checkpointing: bool = False) -> Surrogate:
     """Euler steps N-num ... N-1 with full gradient from sg(x_{N-num}); value connected to the real x_N."""
     n = traj.num_steps
-    if not 1 <= num <= n:
-        raise UserError(f"method.k = {num} exceeds the {n} steps of the rollout; lower method.k or raise train.num_steps")
+    check_steps(num, n)
     s, cond = traj.sigmas, traj.cond
     x = traj.states[n - num].detach()
     for i in range(n - num, n):
@@ -60,8 +58,7 @@ class DraftK(Method):
             raise ValueError(f"method.k must be >= 1, got {self.k}")
 
     def check(self, num_steps):
-        if self.k > num_steps:
-            raise UserError(f"method.k = {self.k} exceeds the {num_steps} steps of the rollout; lower method.k or raise train.num_steps")
+        check_steps(self.k, num_steps)
 
     def surrogates(self, backbone, traj, generator):
         yield chain_surrogate(backbone, traj, self.k, self.checkpointing)

@@ -11,9 +11,8 @@ import torch
 
 from .. import schedule
 from ..backbones.base import Backbone
-from ..errors import UserError
 from ..rollout import Trajectory
-from .base import Method, Surrogate
+from .base import Method, Surrogate, check_steps
 
 
 def flowbp_surrogate(backbone: Backbone, traj: Trajectory, active: list[int]) -> Surrogate:
@@ -41,8 +40,7 @@ class FlowBPSparse(Method):
             raise ValueError(f"method.k must be >= 1, got {self.k}")
 
     def check(self, num_steps):
-        if self.k > num_steps:
-            raise UserError(f"method.k = {self.k} exceeds the {num_steps} steps of the rollout; lower method.k or raise train.num_steps")
+        check_steps(self.k, num_steps)
 
     def surrogates(self, backbone, traj, generator):
         n = traj.num_steps
