@@ -172,6 +172,45 @@ def any_flux_pipe(request):
     return request.getfixturevalue(name)
 
 
+def build_tiny_sd3(guidance_dtype=torch.float32, dynamic_shift: bool = False):
+    """Tiny random StableDiffusion3Pipeline: CLIP-L and CLIP-G slots (16 wide each), a 1-layer T5, 1 joint block."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from leapalign.shapeworld import components
+
+    torch.manual_seed(777)
+    clip_tok, t5_tok = components.make_tokenizers()
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=clip_tok.model_max_length, bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id, projection_dim=16))
+
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
+                                 decoder_start_token_id=t5_tok.pad_token_id, dropout_rate=0.0))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, out_channels=LATENT_CHANNELS,
+                                        pos_embed_max_size=16)
+    sched_kw = dict(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64) if dynamic_shift else {}
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, **sched_kw), vae=_vae(),
+        text_encoder=clip(), tokenizer=clip_tok, text_encoder_2=clip(), tokenizer_2=clip_tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok, transformer=transformer)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
+        m.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipe():
+    return build_tiny_sd3()
+
+
 PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square"]
 
 

@@ -21,14 +21,19 @@ class ModelConfig:
     path: str = "shapeworld"  # a diffusers folder or hub id; "shapeworld" = the shipped base
     height: int = 32
     width: int = 32
-    guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance; ignored by models without it
-    max_sequence_length: int = 512
+    # FLUX.1-dev: the distilled guidance embedding (default 3.5); SD3 / Qwen-Image: real
+    # classifier-free guidance in every velocity (defaults 7.0 / 4.0); None = the family's default
+    guidance_scale: float | None = None
+    negative_prompt: str = ""  # the unconditional prompt of real CFG
+    max_sequence_length: int | None = None  # T5 tokens; None = the pipeline's default (FLUX 512, SD3 256)
     dtype: str = "float32"  # float32 | bfloat16 | float16
 
 
 @dataclass
 class RewardConfig:
-    fn: str = "shapescore"  # built-in name, "module.path:callable" or "path/to/file.py:callable"
+    # a built-in name, "module.path:callable", "path/to/file.py:callable", or weights of several:
+    # {hpsv2.1: 1.0, pickscore: 0.5} (each component is logged as reward/<name>)
+    fn: str | dict[str, float] = "shapescore"
     lam: float = 1.0  # hinge: loss = max(0, lam - reward) * scale
     scale: float = 1.0
     path: str | None = None  # weights folder of a built-in reward (default: the shipped one)
@@ -53,6 +58,7 @@ class TrainConfig:
     ema: float | None = None  # e.g. 0.995 (paper); None = off
     seed: int = 0
     save_every: int = 0  # checkpoint interval in steps; 0 = only at the end
+    gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% more time
 
 
 @dataclass
@@ -102,7 +108,16 @@ def coerce(value, tp, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], where)
+        for option in inner[:-1]:  # the first type the value fits; the last one's error otherwise
+            try:
+                return coerce(value, option, where)
+            except UserError:
+                pass
+        return coerce(value, inner[-1], where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return {coerce(k, args[0], where): coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
-import random
 import resource
 import shutil
 import time
@@ -111,6 +109,8 @@ def setup_trainable(backbone, train_cfg):
         tr.requires_grad_(True)
     else:
         raise UserError(f"train.finetune must be 'lora' or 'full', got {train_cfg.finetune!r}")
+    if train_cfg.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
     return [p for p in tr.parameters() if p.requires_grad]
 
 

@@ -1,7 +1,9 @@
 """Backbone adapters, chosen from the pipeline class named in the model folder's model_index.json."""
 from __future__ import annotations
 
+import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -9,9 +11,11 @@ import torch
 from ..errors import UserError
 from .base import Backbone, Conditioning
 from .flux import FluxBackbone
+from .sd3 import SD3Backbone
 
-ADAPTERS = {"FluxPipeline": FluxBackbone}
+ADAPTERS = {"FluxPipeline": FluxBackbone, "StableDiffusion3Pipeline": SD3Backbone}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def resolve_model_path(path: str) -> str:
@@ -22,39 +26,77 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def missing_components(folder: Path) -> list[str]:
+    """Components that model_index.json lists but the folder lacks (no folder, no config, or no weights)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    missing = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            missing.append(f"{name}/")
+        elif "tokenizer" in name or "scheduler" in name or "processor" in name:
+            continue  # configs and vocabularies only
+        elif not (sub / "config.json").is_file():
+            missing.append(f"{name}/config.json")
+        elif not any(f.name.endswith(WEIGHT_SUFFIXES) for f in sub.iterdir()):
+            missing.append(f"{name}/ weights (*.safetensors)")
+    return missing
+
+
+def _pipeline_class(path: str) -> str | None:
+    """The pipeline class named by a local folder (checked for completeness), or None for a hub id."""
+    local = Path(path)
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise UserError(f"{local} is not a diffusers pipeline folder (no model_index.json); point model.path at one")
+        missing = missing_components(local)
+        if missing:
+            raise UserError(f"model folder {local} is incomplete: missing {', '.join(missing)}; download the whole "
+                            f"pipeline (e.g. `hf download <repo id> --local-dir {local}`)")
+        return json.loads((local / "model_index.json").read_text()).get("_class_name")
+    if "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1:
+        return None  # a hub id: diffusers resolves it (HF_HUB_OFFLINE=1 means: from the local cache only)
+    raise UserError(f"model folder {path} does not exist; set model.path to a diffusers folder or hub id")
+
+
+def _check_supported(cls_name: str | None) -> None:
+    if cls_name is not None and cls_name not in ADAPTERS:
+        raise UserError(f"{cls_name} is not supported yet; supported pipelines: {', '.join(ADAPTERS)}")
+
+
+def adapter_options(adapter, model_cfg) -> dict:
+    """The model.* settings this adapter takes; None means the adapter's own default."""
+    accepted = inspect.signature(adapter).parameters
+    options = {"guidance_scale": model_cfg.guidance_scale, "max_sequence_length": model_cfg.max_sequence_length,
+               "negative_prompt": model_cfg.negative_prompt}
+    return {k: v for k, v in options.items() if k in accepted and v is not None}
+
+
 def load_backbone(model_cfg, device: torch.device | str = "cpu") -> Backbone:
     """Load the diffusers pipeline at model.path and wrap it in the adapter of its class."""
     path = resolve_model_path(model_cfg.path)
     if model_cfg.dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {model_cfg.dtype!r}")
-    local = Path(path)
-    if local.exists():
-        index = local / "model_index.json"
-        if not index.is_file():
-            raise UserError(f"{local} is not a diffusers pipeline folder (no model_index.json); point model.path at one")
-        cls_name = json.loads(index.read_text()).get("_class_name")
-    elif "/" in path and not path.startswith((".", "/")):
-        cls_name = None  # a hub id: let diffusers resolve it
-    else:
-        raise UserError(f"model folder {path} does not exist; set model.path to a diffusers folder or hub id")
-    if cls_name is not None and cls_name not in ADAPTERS:
-        raise UserError(f"{cls_name} is not supported yet; supported pipelines: {', '.join(ADAPTERS)}")
+    _check_supported(_pipeline_class(path))
     from diffusers import DiffusionPipeline
 
     try:
         pipe = DiffusionPipeline.from_pretrained(path, dtype=DTYPES[model_cfg.dtype])
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the pipeline at {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, EnvironmentError) as e:
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(f"could not load the pipeline at {path}{offline}: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     cls_name = type(pipe).__name__
-    if cls_name not in ADAPTERS:
-        raise UserError(f"{cls_name} is not supported yet; supported pipelines: {', '.join(ADAPTERS)}")
+    _check_supported(cls_name)
     pipe.to(device)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False).eval()
-    backbone = ADAPTERS[cls_name](pipe, guidance_scale=model_cfg.guidance_scale, max_sequence_length=model_cfg.max_sequence_length)
+    adapter = ADAPTERS[cls_name]
+    backbone = adapter(pipe, **adapter_options(adapter, model_cfg))
     try:
         backbone.check_resolution(model_cfg.height, model_cfg.width)
     except ValueError as e:
@@ -62,4 +104,4 @@ def load_backbone(model_cfg, device: torch.device | str = "cpu") -> Backbone:
     return backbone
 
 
-__all__ = ["ADAPTERS", "Backbone", "Conditioning", "FluxBackbone", "load_backbone"]
+__all__ = ["ADAPTERS", "Backbone", "Conditioning", "FluxBackbone", "SD3Backbone", "load_backbone"]

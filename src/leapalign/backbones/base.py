@@ -37,6 +37,20 @@ class Backbone:
     """
 
     transformer: torch.nn.Module
+    default_max_sequence_length = 512
+
+    def cached_encodings(self, prompts: list[str], encode) -> list[torch.Tensor]:
+        """Per-prompt text encodings stacked over `prompts`; each distinct prompt is encoded once.
+
+        `encode(new_prompts)` returns one tuple of tensors per prompt (text encoders are frozen,
+        so the cache never goes stale).
+        """
+        cache = self.__dict__.setdefault("_prompt_cache", {})
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            with torch.no_grad():
+                cache.update(zip(missing, encode(missing)))
+        return [torch.stack(parts) for parts in zip(*(cache[p] for p in prompts))]
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .. import schedule
@@ -56,15 +55,14 @@ def merge_identical_padding(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class FluxBackbone(Backbone):
     """FLUX.1 (dev: guidance embedding; schnell: none) through a diffusers FluxPipeline."""
 
-    def __init__(self, pipe, guidance_scale: float = 3.5, max_sequence_length: int = 512, merge_padding: bool = True):
+    def __init__(self, pipe, guidance_scale: float = 3.5, max_sequence_length: int | None = None, merge_padding: bool = True):
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.guidance_scale = guidance_scale
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.merge_padding = merge_padding
         self.vae_scale_factor = pipe.vae_scale_factor
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -76,16 +74,12 @@ class FluxBackbone(Backbone):
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            with torch.no_grad():
-                embeds, pooled, _ = self.pipe.encode_prompt(
-                    prompt=missing, prompt_2=missing, device=self.device, max_sequence_length=self.max_sequence_length
-                )
-            for p, e, q in zip(missing, embeds, pooled):
-                self._cache[p] = (e, q)
-        embeds = torch.stack([self._cache[p][0] for p in prompts])
-        pooled = torch.stack([self._cache[p][1] for p in prompts])
+        def encode(new):
+            embeds, pooled, _ = self.pipe.encode_prompt(prompt=new, prompt_2=new, device=self.device,
+                                                        max_sequence_length=self.max_sequence_length)
+            return list(zip(embeds, pooled))
+
+        embeds, pooled = self.cached_encodings(prompts, encode)
         return self.conditioning(embeds, pooled)
 
     def conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor) -> Conditioning:

@@ -1,0 +1,115 @@
+"""SD3 / SD3.5 adapter: a diffusers StableDiffusion3Pipeline seen as velocity(x, sigma, cond).
+
+SD3 uses real classifier-free guidance: with guidance_scale > 1 every velocity, in the rollout
+and in every step that carries gradient, is v_uncond + s (v_cond - v_uncond) from one doubled
+transformer batch, exactly as the pipeline computes it.  Latents keep the VAE's (B, C, h, w)
+layout; the transformer patchifies them itself.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import schedule
+from .base import Backbone, Conditioning
+
+
+class SD3Backbone(Backbone):
+    """Stable Diffusion 3 / 3.5 (three text encoders, real CFG) through StableDiffusion3Pipeline."""
+
+    default_max_sequence_length = 256  # the pipeline's default
+
+    def __init__(self, pipe, guidance_scale: float = 7.0, max_sequence_length: int | None = None, negative_prompt: str = ""):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.negative_prompt = negative_prompt
+        self.vae_scale_factor = pipe.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1  # the pipeline's rule
+
+    # ------------------------------------------------------------------ prompts
+    def _encode(self, prompts: list[str]):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, prompt_3=prompts, do_classifier_free_guidance=False,
+            device=self.device, max_sequence_length=self.max_sequence_length)
+        return list(zip(embeds, pooled))
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, pooled = self.cached_encodings(prompts, self._encode)
+        shared = {}
+        if self.do_cfg:  # the negative prompt's encoding, one row broadcast over the batch
+            neg_embeds, neg_pooled = self.cached_encodings([self.negative_prompt], self._encode)
+            shared = {"neg_embeds": neg_embeds, "neg_pooled": neg_pooled}
+        return Conditioning({"embeds": embeds, "pooled": pooled}, shared)
+
+    # ------------------------------------------------------------------ geometry and schedule
+    @property
+    def multiple(self) -> int:
+        return self.vae_scale_factor * self.transformer.config.patch_size
+
+    def check_resolution(self, height: int, width: int) -> None:
+        f = self.multiple
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"resolution {height}x{width} is not a multiple of {f}, which this SD3 model needs; use e.g. {max(f, height // f * f)}x{max(f, width // f * f)}")
+
+    def initial_noise(self, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        c = self.transformer.config.in_channels
+        shape = (batch, c, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """The pipeline's schedule: its scheduler's default timesteps (static shift, or mu from the token count)."""
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        cfg = scheduler.config
+        mu = None
+        if cfg.get("use_dynamic_shifting", False):
+            p = self.transformer.config.patch_size
+            seq_len = (height // self.vae_scale_factor // p) * (width // self.vae_scale_factor // p)
+            mu = schedule.dynamic_shift_mu(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
+        return scheduler.sigmas.to(device=self.device, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ the model
+    def velocity(self, x: torch.Tensor, sigma, cond: Conditioning) -> torch.Tensor:
+        b = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        embeds, pooled = cond.batch["embeds"], cond.batch["pooled"]
+        if self.do_cfg:
+            neg_e = cond.shared["neg_embeds"].expand(b, -1, -1)
+            neg_p = cond.shared["neg_pooled"].expand(b, -1)
+            embeds, pooled, x_in = torch.cat([neg_e, embeds]), torch.cat([neg_p, pooled]), torch.cat([x, x])
+        else:
+            x_in = x
+        timestep = (sigma * 1000).expand(x_in.shape[0])  # the scheduler's timesteps, float32
+        v = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=embeds,
+                             pooled_projections=pooled, return_dict=False)[0]
+        if self.do_cfg:
+            v_uncond, v_text = v.chunk(2)
+            v = v_uncond + self.guidance_scale * (v_text - v_uncond)
+        return v
+
+    def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        z = (x / self.vae.config.scaling_factor + self.vae.config.shift_factor).to(self.vae.dtype)
+        return (self.vae.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        dist = self.vae.encode(images * 2 - 1).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
