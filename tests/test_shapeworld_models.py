@@ -67,12 +67,18 @@ def test_reward_ranks_true_caption_above_hard_negatives():
 
 
 def test_eval_cli_writes_the_documented_json(tmp_path):
+    """Several rewards at once: a mean per reward and a score per prompt for each, plus ShapeEval and a grid."""
     out = tmp_path / "base.json"
+    user = ROOT / "tests" / "data" / "user_rewards.py"
     proc = subprocess.run([sys.executable, "-m", "leapalign", "eval", "--prompts", "shapeworld:eval", "--num-images", "12",
-                           "--num-steps", "6", "--output", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           "--num-steps", "6", "--rewards", f"shapescore,{user}:redness", "--output", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["num_images"] == 12 and isinstance(data["reward"], float)
+    assert data["num_images"] == 12 and set(data["scores"]) == {"shapescore", f"{user}:redness"}
     assert set(data["shapeeval"]) >= {"overall", "single_object"}
     assert len(data["per_prompt"]) == 12
+    for name, mean in data["scores"].items():
+        assert mean == pytest.approx(sum(row[name] for row in data["per_prompt"]) / 12, abs=1e-6)
+    assert data["scores"]["shapescore"] != pytest.approx(data["scores"][f"{user}:redness"], abs=1e-3)
     assert out.with_suffix(".png").is_file()

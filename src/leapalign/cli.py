@@ -46,10 +46,13 @@ def _eval(args) -> None:
     from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
     from .rewards import load_reward
 
-    mc = ModelConfig(path=args.model or "shapeworld", height=args.height, width=args.width)
+    mc = ModelConfig(path=args.model or "shapeworld", height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+                     dtype=args.dtype)
     rows = load_prompt_rows(args.prompts)
     if args.lora and not Path(args.lora).exists():
         raise UserError(f"LoRA path {args.lora} does not exist")
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()] if args.rewards else []
+    rewards = {name: load_reward(name) for name in names}  # every name is checked before any sampling
     out = Path(args.output)
     backbone = load_backbone(mc, "cuda" if torch.cuda.is_available() else "cpu")
     if args.lora:
@@ -57,18 +60,22 @@ def _eval(args) -> None:
             backbone.pipe.load_lora_weights(args.lora)
         except (OSError, ValueError) as e:
             raise UserError(f"could not load the LoRA at {args.lora}: {str(e).splitlines()[0]}") from None
-    reward = load_reward(args.reward) if args.reward else None
-    res, images = evaluate_model(backbone, reward, rows, args.num_steps, mc.height, mc.width, args.batch_size, args.num_images, progress=True)
+    for fn in rewards.values():
+        fn.to(backbone.device)
+    res, images = evaluate_model(backbone, rewards or None, rows, args.num_steps, mc.height, mc.width, args.batch_size, args.num_images,
+                                 progress=True)
     rows = spread(rows, args.num_images) if args.num_images else rows
     prompts = [r["prompt"] for r in rows]
-    res["per_prompt"] = [{"prompt": r["prompt"], "seed": r["seed"], **({"reward": res["rewards"][i]} if "rewards" in res else {})}
+    per_image = res.pop("per_image", {})
+    res["per_prompt"] = [{"prompt": r["prompt"], "seed": r["seed"], **{name: v[i] for name, v in per_image.items()}}
                          for i, r in enumerate(rows)]
     res.pop("rewards", None)
+    res.pop("reward", None)
     write_json(out, res)
     pick = spread(list(range(len(images))), 24)
     save_grid(images[pick], [prompts[i] for i in pick], out.with_suffix(".png"), title=str(args.model or "shapeworld base") + (f" + {args.lora}" if args.lora else ""))
-    print(f"wrote {out}: " + (f"reward {res['reward']:.4f} " if "reward" in res else "") +
-          (f"ShapeEval overall {res['shapeeval']['overall']:.3f}" if "shapeeval" in res else ""))
+    means = " ".join(f"{k} {v:.4f}" for k, v in res.get("scores", {}).items())
+    print(f"wrote {out}: {means} " + (f"ShapeEval overall {res['shapeeval']['overall']:.3f}" if "shapeeval" in res else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="diffusers pipeline folder (default: the shipped ShapeWorld base)")
     e.add_argument("--lora", default=None, help="LoRA folder saved by `leapalign train`")
     e.add_argument("--prompts", default="shapeworld:eval", help="shapeworld:eval, shapeworld:train or a text file")
-    e.add_argument("--reward", default="shapescore", help="reward to score with (built-in name or module:callable)")
+    e.add_argument("--rewards", "--reward", default="shapescore",
+                   help="comma-separated rewards to score with, each a built-in name or module:callable (e.g. hpsv2.1,pickscore)")
     e.add_argument("--output", required=True, help="JSON file to write (an image grid goes next to it as .png)")
     e.add_argument("--num-steps", type=int, default=28)
     e.add_argument("--num-images", type=int, default=0, help="only the first N prompt rows (0 = all)")
     e.add_argument("--height", type=int, default=32)
     e.add_argument("--width", type=int, default=32)
     e.add_argument("--batch-size", type=int, default=96)
+    e.add_argument("--guidance-scale", type=float, default=None, help="default: the model family's (FLUX.1-dev 3.5, SD3 7.0)")
+    e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     e.set_defaults(func=_eval)
     return ap
 

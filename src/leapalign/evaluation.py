@@ -55,12 +55,20 @@ def generate(backbone, prompts: list[str], seeds: list[int], num_steps: int, hei
 
 @torch.no_grad()
 def score(images: torch.Tensor, prompts: list[str], reward=None, use_shapeeval: bool = True) -> dict:
-    """{"reward": mean, "rewards": per image, "shapeeval": {...}} for whatever applies."""
+    """{"reward": mean, "rewards": per image, "shapeeval": {...}} for whatever applies.
+
+    `reward` is one reward or a dict {name: reward}; with a dict, "reward"/"rewards" are the
+    first one's and "scores" / "per_image" hold every one by name.
+    """
     result: dict = {"num_images": len(prompts)}
-    if reward is not None:
-        r = torch.cat([reward(images[i : i + 256], prompts[i : i + 256]).float().cpu() for i in range(0, len(prompts), 256)])
-        result["reward"] = r.mean().item()
-        result["rewards"] = r.tolist()
+    named = reward if isinstance(reward, dict) else ({"reward": reward} if reward is not None else {})
+    for i, (name, fn) in enumerate(named.items()):
+        r = torch.cat([fn(images[j : j + 256], prompts[j : j + 256]).detach().float().cpu() for j in range(0, len(prompts), 256)])
+        if i == 0:
+            result["reward"], result["rewards"] = r.mean().item(), r.tolist()
+        if isinstance(reward, dict):
+            result.setdefault("scores", {})[name] = r.mean().item()
+            result.setdefault("per_image", {})[name] = r.tolist()
     if use_shapeeval:
         from .shapeworld import evaluate
 
