@@ -1,7 +1,10 @@
 """Rewards are plug-ins: any callable (images (B,3,H,W) in [0,1], prompts) -> (B,) differentiable in images.
 
-`reward.fn` names one: a built-in ("shapescore"), "package.module:callable", or
+`reward.fn` names one: a built-in (see BUILTIN), "package.module:callable", or
 "path/to/file.py:callable".  A class is instantiated with no arguments.
+A weighted sum of several is a dict {"hpsv2.1": 1.0, "pickscore": 0.5} or the string
+"hpsv2.1=1.0,pickscore=0.5"; its `last_components` holds each one's values of the last call.
+Where the built-ins' weights live: builtin.py and docs/rewards.md.
 """
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import math
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +30,21 @@ def _shapescore(path: str | None = None) -> RewardFn:
     return load_reward(path)
 
 
-BUILTIN: dict[str, Callable[..., RewardFn]] = {"shapescore": _shapescore}
+def _builtin(factory: str, name: str, path: str | None = None) -> RewardFn:
+    from . import builtin
+
+    return getattr(builtin, factory)(name, path)
+
+
+BUILTIN: dict[str, Callable[..., RewardFn]] = {
+    "shapescore": _shapescore,
+    "hpsv2": partial(_builtin, "hpsv2", "hpsv2"),
+    "hpsv2.1": partial(_builtin, "hpsv2", "hpsv2.1"),
+    "pickscore": partial(_builtin, "pickscore", "pickscore"),
+    "clipscore": partial(_builtin, "clipscore", "clipscore"),
+    "aesthetic": partial(_builtin, "aesthetic", "aesthetic"),
+    "imagereward": partial(_builtin, "imagereward", "imagereward"),
+}
 
 
 def _import_callable(spec: str):
@@ -60,19 +79,59 @@ def _import_callable(spec: str):
 
 
 class CheckedReward:
-    """Wraps a reward so a wrong shape or a non-finite value is a clear error, not a silent NaN."""
+    """Wraps a reward so a wrong shape or a non-finite value is a clear error, not a silent NaN.
+
+    `last_components`: {name: values of the last call} ({component: values} for a weighted sum), for logging.
+    `check_finite = False` lets non-finite values through (the trainer skips such a step itself).
+    Other attributes are the wrapped reward's.
+    """
 
     def __init__(self, fn: RewardFn, name: str):
         self.fn, self.name = fn, name
+        self._last: torch.Tensor | None = None
+        self._check_finite = True
+
+    @property
+    def check_finite(self) -> bool:
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        self._check_finite = value
+        if isinstance(self.fn, WeightedReward):  # the parts check themselves too
+            for _, part in self.fn.parts.values():
+                if isinstance(part, CheckedReward):
+                    part.check_finite = value
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         out = self.fn(images, prompts)
         if not isinstance(out, torch.Tensor) or out.shape != (len(prompts),):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UserError(f"reward {self.name} returned {shape}; a reward must return a tensor of shape ({len(prompts)},), one value per image")
-        if not torch.isfinite(out).all():
+        if self._check_finite and not torch.isfinite(out).all():
             raise UserError(f"reward {self.name} returned non-finite values {out.detach().cpu().tolist()}")
+        self._last = out.detach()
         return out
+
+    @property
+    def last_components(self) -> dict[str, torch.Tensor]:
+        inner = getattr(self.fn, "last_components", None)
+        if inner is not None:
+            return inner
+        return {} if self._last is None else {self.name: self._last}
+
+    @last_components.setter
+    def last_components(self, values: dict[str, torch.Tensor]) -> None:
+        """Set by a caller that scored a batch in chunks, so the values cover the whole batch."""
+        if hasattr(self.fn, "last_components"):
+            self.fn.last_components = values
+        elif values:
+            self._last = next(iter(values.values()))
+
+    def __getattr__(self, attr):
+        if attr in ("fn", "_check_finite", "__setstate__"):  # not set yet (unpickling): no recursion
+            raise AttributeError(attr)
+        return getattr(self.fn, attr)
 
     def to(self, device):
         if hasattr(self.fn, "to"):
@@ -80,11 +139,79 @@ class CheckedReward:
         return self
 
 
-def load_reward(fn: str, path: str | None = None) -> CheckedReward:
-    """The reward named by `fn` (see module docstring), checked on every call."""
+class WeightedReward:
+    """sum_i w_i * r_i(images, prompts), differentiable; `last_components` = {name: r_i of the last call}, detached, unweighted."""
+
+    def __init__(self, parts: dict[str, tuple[float, RewardFn]]):
+        self.parts = parts
+        self.weights = {name: w for name, (w, _) in parts.items()}
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        total, comps = None, {}
+        for name, (w, fn) in self.parts.items():
+            r = fn(images, prompts)
+            comps[name] = r.detach()
+            total = w * r if total is None else total + w * r
+        self.last_components = comps
+        return total
+
+    def to(self, device):
+        for _, fn in self.parts.values():
+            if hasattr(fn, "to"):
+                fn.to(device)
+        return self
+
+
+def parse_spec(spec) -> dict[str, float] | None:
+    """{name: weight} for a combination (a dict, or "a=1.0,b=0.5"; a bare name weighs 1); None for one reward name."""
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, str) and ("=" in spec or "," in spec):
+        items = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, _, w = part.rpartition("=") if "=" in part else (part, "", "1")
+            items.append((name.strip(), w.strip()))
+    else:
+        return None
+    weights: dict[str, float] = {}
+    for name, w in items:
+        try:
+            w = math.nan if isinstance(w, bool) else float(w)
+        except (TypeError, ValueError):
+            w = math.nan
+        if not name or not math.isfinite(w):
+            raise UserError(f"reward spec {spec!r}: write name=weight pairs with finite numbers, e.g. 'hpsv2.1=1.0,pickscore=0.5'")
+        if name in weights:
+            raise UserError(f"reward spec {spec!r} names {name!r} twice")
+        weights[name] = w
+    if not weights:
+        raise UserError(f"reward spec {spec!r} names no reward")
+    return weights
+
+
+def _load_one(fn: str, path) -> CheckedReward:
     if fn in BUILTIN:
         return CheckedReward(BUILTIN[fn](path), fn)
     if ":" not in fn:
         hint = difflib.get_close_matches(fn, list(BUILTIN), n=1)
         raise UserError(f"unknown reward {fn!r}; built-ins: {', '.join(BUILTIN)}, or name your own as 'module:callable' or 'file.py:callable'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     return CheckedReward(_import_callable(fn), fn)
+
+
+def load_reward(fn: str | dict, path: str | dict | None = None) -> CheckedReward:
+    """The reward named by `fn` (see module docstring), checked on every call.
+
+    `path` locates a built-in's weights (see builtin.py). For a combination it is a {name: path}
+    dict, or one folder holding a subfolder per reward (like $LEAPALIGN_REWARD_DIR).
+    """
+    weights = parse_spec(fn)
+    if weights is None:
+        return _load_one(fn, path)
+    if isinstance(path, dict):
+        paths = {name: path.get(name) for name in weights}
+    else:
+        paths = {name: (str(Path(path) / name) if path and name in BUILTIN else None) for name in weights}
+    parts = {name: (w, _load_one(name, paths[name])) for name, w in weights.items()}
+    label = ",".join(f"{n}={w:g}" for n, w in weights.items())
+    return CheckedReward(WeightedReward(parts), label)
