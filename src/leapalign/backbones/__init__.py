@@ -11,9 +11,17 @@ import torch
 from ..errors import UserError
 from .base import Backbone, Conditioning
 from .flux import FluxBackbone
+from .flux2 import Flux2KleinBackbone
+from .qwenimage import QwenImageBackbone
 from .sd3 import SD3Backbone
 
-ADAPTERS = {"FluxPipeline": FluxBackbone, "StableDiffusion3Pipeline": SD3Backbone}
+ADAPTERS = {
+    "FluxPipeline": FluxBackbone,  # FLUX.1 dev / schnell
+    "Flux2Pipeline": Flux2KleinBackbone,  # FLUX.2 dev (guidance embedding)
+    "Flux2KleinPipeline": Flux2KleinBackbone,  # FLUX.2 klein (real CFG unless step-distilled)
+    "StableDiffusion3Pipeline": SD3Backbone,  # SD3 / SD3.5
+    "QwenImagePipeline": QwenImageBackbone,
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -104,4 +112,4 @@ def load_backbone(model_cfg, device: torch.device | str = "cpu") -> Backbone:
     return backbone
 
 
-__all__ = ["ADAPTERS", "Backbone", "Conditioning", "FluxBackbone", "SD3Backbone", "load_backbone"]
+__all__ = ["ADAPTERS", "Backbone", "Conditioning", "Flux2KleinBackbone", "FluxBackbone", "QwenImageBackbone", "SD3Backbone", "load_backbone"]

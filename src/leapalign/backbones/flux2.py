@@ -1,0 +1,203 @@
+"""FLUX.2 adapter: a diffusers Flux2KleinPipeline (or Flux2Pipeline) seen as velocity(x, sigma, cond).
+
+FLUX.2 patchifies 2x2 inside the VAE's latent space and normalises the patchified latent with
+the VAE's batch-norm running statistics; the transformer then takes one token per patch
+(B, L, 4C), row-major over the patch grid, with 4-axis position ids (t, h, w, l).
+Klein base models use real classifier-free guidance against the empty prompt (not for the
+step-distilled ones); FLUX.2-dev uses a distilled guidance embedding instead.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import torch
+
+from .. import schedule
+from .base import Backbone, Conditioning
+
+
+def scheduler_sigmas(cfg, num_steps: int, mu: float | None) -> torch.Tensor:
+    """FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu).sigmas.
+
+    Covers dynamic (exponential / linear) and static shift and `shift_terminal` (Qwen-Image);
+    the options that change the sampler itself are refused rather than silently mis-reproduced.
+    """
+    for opt in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                "stochastic_sampling", "use_flow_sigmas"):
+        if cfg.get(opt, False):
+            raise ValueError(f"the scheduler option {opt} is not supported by leapalign's rollout")
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)  # the scheduler casts first
+    if cfg.get("use_dynamic_shifting", False):
+        if cfg.get("time_shift_type", "exponential") == "linear":
+            sigmas = mu / (mu + (1 / sigmas - 1))
+        else:
+            sigmas = schedule.time_shift_exponential(mu, sigmas)
+    else:
+        sigmas = schedule.static_shift(cfg.get("shift", 1.0), sigmas)
+    if cfg.get("shift_terminal", None):
+        if num_steps < 2:  # the stretch divides by 1 - sigma_last = 0: the pipeline itself gives NaN
+            raise ValueError("this scheduler (shift_terminal) needs at least 2 sampling steps")
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))
+    return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), torch.zeros(1)])
+
+
+def pack_tokens(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) patchified latent -> (B, h * w, C) tokens, row-major (the pipeline's _pack_latents)."""
+    b, c, h, w = z.shape
+    return z.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def unpack_tokens(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of pack_tokens; equals the pipeline's id-scatter for its row-major ids."""
+    b, _, c = x.shape
+    return x.permute(0, 2, 1).reshape(b, c, h, w)
+
+
+def patchify(z: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = z.shape
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(z: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = z.shape
+    return z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+
+
+def token_ids(h: int, w: int) -> torch.Tensor:
+    """Position ids (t, h, w, l) of an h x w token grid: (0, i, j, 0), row-major, int64 like the pipeline's."""
+    return torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+
+
+def text_ids(n: int) -> torch.Tensor:
+    return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(n))
+
+
+class Flux2KleinBackbone(Backbone):
+    """FLUX.2 [klein] (real CFG against "", unless step-distilled) and FLUX.2 [dev] (guidance embedding)."""
+
+    def __init__(self, pipe, guidance_scale: float = 4.0, max_sequence_length: int | None = None,
+                 negative_prompt: str = "", text_encoder_out_layers: tuple[int, ...] | None = None):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.negative_prompt = negative_prompt  # the klein pipeline always uses ""
+        if text_encoder_out_layers is None:  # the pipeline's default: which hidden layers are stacked
+            text_encoder_out_layers = inspect.signature(pipe.encode_prompt).parameters["text_encoder_out_layers"].default
+        self.text_encoder_out_layers = tuple(text_encoder_out_layers)
+        self.vae_scale_factor = pipe.vae_scale_factor
+        # Flux2KleinPipeline registers is_distilled; Flux2Pipeline (dev) has no CFG but a guidance embedding
+        self.is_klein = "is_distilled" in pipe.config
+        self.embedded_guidance = not self.is_klein
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.is_klein and self.guidance_scale > 1 and not self.pipe.config.is_distilled  # the pipeline's rule
+
+    # ------------------------------------------------------------------ prompts
+    def _encode(self, prompts: list[str]):
+        embeds, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length,
+                                            text_encoder_out_layers=self.text_encoder_out_layers)
+        return [(e,) for e in embeds]
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        (embeds,) = self.cached_encodings(prompts, self._encode)
+        shared = {"txt_ids": text_ids(embeds.shape[1]).to(self.device)}
+        if self.do_cfg:  # one row, broadcast over the batch
+            (shared["neg_embeds"],) = self.cached_encodings([self.negative_prompt], self._encode)
+        return Conditioning({"embeds": embeds}, shared)
+
+    # ------------------------------------------------------------------ geometry and schedule
+    def token_hw(self, height: int, width: int) -> tuple[int, int]:
+        f = self.vae_scale_factor * 2
+        return height // f, width // f
+
+    def at_resolution(self, cond: Conditioning, height: int, width: int) -> Conditioning:
+        return Conditioning(cond.batch, {**cond.shared, "img_ids": token_ids(*self.token_hw(height, width)).to(self.device)})
+
+    def check_resolution(self, height: int, width: int) -> None:
+        f = self.vae_scale_factor * 2
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"resolution {height}x{width} is not a multiple of {f}, which this FLUX.2 model needs; use e.g. {max(f, height // f * f)}x{max(f, width // f * f)}")
+
+    def initial_noise(self, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
+        """The pipeline's starting noise: drawn as (B, 4C, h/2, w/2), then flattened to tokens."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        h, w = self.token_hw(height, width)
+        c = self.transformer.config.in_channels
+        return pack_tokens(randn_tensor((batch, c, h, w), generator=generator, device=self.device, dtype=self.dtype))
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """The pipeline's: linspace sigmas, shifted with FLUX.2's empirical mu (token count and step count)."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        h, w = self.token_hw(height, width)
+        mu = compute_empirical_mu(image_seq_len=h * w, num_steps=num_steps)
+        return scheduler_sigmas(self.pipe.scheduler.config, num_steps, mu).to(self.device)
+
+    # ------------------------------------------------------------------ the model
+    def velocity(self, x: torch.Tensor, sigma, cond: Conditioning) -> torch.Tensor:
+        b, n_img = x.shape[0], x.shape[1]
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        img_ids = cond.shared.get("img_ids")
+        if img_ids is None:  # no resolution given: only a square token grid is unambiguous
+            side = math.isqrt(n_img)
+            if side * side != n_img:
+                raise ValueError(f"{n_img} image tokens are not a square grid; call backbone.at_resolution(cond, height, width) first")
+            img_ids = token_ids(side, side).to(x.device)
+        embeds, x_in = cond.batch["embeds"], x
+        if self.do_cfg:  # cond and uncond in one doubled batch (same text length: both padded)
+            embeds = torch.cat([embeds, cond.shared["neg_embeds"].expand(b, -1, -1)])
+            x_in = torch.cat([x, x])
+        n = x_in.shape[0]
+        # the pipeline feeds (sigma * 1000) in the latent dtype, / 1000
+        t = (sigma * self.pipe.scheduler.config.num_train_timesteps).expand(n).to(x.dtype)
+        guidance = None
+        if self.embedded_guidance:
+            guidance = torch.full((n,), self.guidance_scale, device=x.device, dtype=torch.float32)
+        v = self.transformer(hidden_states=x_in.to(self.transformer.dtype), timestep=t / 1000, guidance=guidance,
+                             encoder_hidden_states=embeds, txt_ids=cond.shared["txt_ids"], img_ids=img_ids,
+                             return_dict=False)[0][:, :n_img]
+        if self.do_cfg:
+            v_text, v_uncond = v.chunk(2)
+            v = v_uncond + self.guidance_scale * (v_text - v_uncond)
+        return v
+
+    def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    def to_latent_image(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Tokens -> the VAE's latent (B, C, 2h, 2w): batch-norm statistics undone, then unpatchified.
+
+        This is what the klein pipeline returns for output_type="latent".
+        """
+        z = unpack_tokens(x, *self.token_hw(height, width))
+        mean, std = self._bn_stats(z)
+        return unpatchify(z * std + mean)
+
+    def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        z = self.to_latent_image(x, height, width).to(self.vae.dtype)
+        return (self.vae.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Images in [0, 1] -> normalised tokens (the model's x at sigma = 0), as the pipeline encodes references."""
+        dist = self.vae.encode(images * 2 - 1).latent_dist
+        z = patchify(dist.sample(generator) if sample else dist.mode())
+        mean, std = self._bn_stats(z)
+        return pack_tokens((z - mean) / std)
