@@ -18,10 +18,24 @@ from leapalign.errors import UserError
 from leapalign.train import train
 
 import conftest
+import test_backbones_more
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle"]
-BUILDERS = {"flux": lambda: conftest._build(merged=False), "sd3": conftest.build_tiny_sd3}
+BUILDERS = {"flux": lambda: conftest._build(merged=False), "sd3": conftest.build_tiny_sd3, "flux2_klein": lambda: test_backbones_more.build_klein(deep=True),
+            "qwen_image": test_backbones_more.build_qwen}
+
+
+def _pipeline_kwargs(backbone, noise) -> dict:
+    """The family's own pipeline call, told the adapter's guidance and given the same starting noise."""
+    name = type(backbone).__name__
+    if name == "QwenImageBackbone":
+        return {"latents": noise, "true_cfg_scale": backbone.guidance_scale, "negative_prompt": backbone.negative_prompt}
+    if name == "Flux2KleinBackbone":  # its `latents` argument is the unpacked (B, C, h, w) grid
+        from leapalign.backbones.flux2 import unpack_tokens
+
+        return {"latents": unpack_tokens(noise, *backbone.token_hw(16, 16)), "guidance_scale": backbone.guidance_scale}
+    return {"latents": noise, "guidance_scale": backbone.guidance_scale}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -36,7 +50,7 @@ def _train(tmp_path, model_dir, *overrides):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:redness",
                              f"output.dir={tmp_path / 'run'}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
-                             "train.steps=6", "train.batch_size=4", "train.num_steps=4", "train.lr=3e-2", "eval.num_steps=4",
+                             "train.steps=10", "train.batch_size=4", "train.num_steps=4", "train.lr=3e-2", "eval.num_steps=4",
                              "eval.grid_size=4", "output.tensorboard=false", *overrides])
     return train(cfg, progress=False), tmp_path / "run", cfg
 
@@ -49,8 +63,8 @@ def _diffusers_reward(pipe, cfg, out_dir):
     rows = load_prompt_rows(cfg.eval.prompts)
     noise = noise_for_seeds(backbone, [r["seed"] for r in rows], 16, 16)
     with torch.no_grad():
-        images = pipe([r["prompt"] for r in rows], height=16, width=16, num_inference_steps=cfg.eval.num_steps, latents=noise,
-                      guidance_scale=backbone.guidance_scale, output_type="pt").images
+        images = pipe(prompt=[r["prompt"] for r in rows], height=16, width=16, num_inference_steps=cfg.eval.num_steps,
+                      output_type="pt", **_pipeline_kwargs(backbone, noise)).images
     return load_reward(cfg.reward.fn)(images, [r["prompt"] for r in rows]).mean().item()
 
 
@@ -93,7 +107,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(model_dir):
         cond = bb.at_resolution(bb.encode_prompts(PROMPTS[:2]), 16, 16)
         x = bb.initial_noise(2, 16, 16, torch.Generator().manual_seed(1))
         bb.decode(x - 0.6 * bb.velocity(x, torch.tensor(0.6), cond), 16, 16).square().mean().backward()
-        grads.append([p.grad.clone() for p in params])
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])  # Qwen: last text outputs unused
         assert bb.transformer.is_gradient_checkpointing == checkpointing
     conftest.assert_grads_close(grads[1], grads[0], rel=1e-5)
 
@@ -121,3 +135,20 @@ def test_unsupported_pipeline_class_is_refused(tmp_path, model_dir):
     (other / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="KandinskyPipeline is not supported yet; supported pipelines: " + ", ".join(ADAPTERS)):
         load_backbone(config.ModelConfig(path=str(other)))
+
+
+def test_weighted_rewards_are_logged_per_component(tmp_path, model_dir):
+    """reward.fn as {name: weight}: the trained reward is the weighted sum, each component is logged by name."""
+    import json
+
+    red, bright = f"{DATA / 'user_rewards.py'}:redness", f"{DATA / 'user_rewards.py'}:brightness"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"output.dir={tmp_path / 'run'}",
+                             f"train.prompts={prompts}", f"eval.prompts={prompts}", "train.steps=2", "train.batch_size=2",
+                             "train.num_steps=3", "eval.num_steps=3", "output.tensorboard=false"])
+    cfg.reward.fn = {red: 1.0, bright: 0.5}
+    train(cfg, progress=False)
+    for rec in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):
+        assert rec["reward"] == pytest.approx(rec[f"reward/{red}"] + 0.5 * rec[f"reward/{bright}"], abs=1e-6)
+        assert rec[f"reward/{red}"] != pytest.approx(rec[f"reward/{bright}"], abs=1e-3)

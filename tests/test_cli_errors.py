@@ -34,10 +34,33 @@ def test_preset_spells_out_the_defaults():
     assert preset == default
 
 
+PAPER_PRESETS = {  # file: (reward, alpha, lam, resolution, iterations), the numbers DESIGN.md section 4 gives
+    "flux1_dev_hpsv21.yaml": ("hpsv2.1", 0.3, 0.55, 720, 300),
+    "flux1_dev_pickscore.yaml": ("pickscore", 0.1, 0.4, 720, 300),
+    "sd35m_hpsv21.yaml": ("hpsv2.1", 0.3, 0.55, 512, 200),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PRESETS))
+def test_paper_presets_load_and_hold_the_paper_numbers(name):
+    from leapalign.rewards import BUILTIN
+
+    cfg = config.load(ROOT / "configs" / name, ["model.path=/models/x"])
+    reward, alpha, lam, size, steps = PAPER_PRESETS[name]
+    assert (cfg.reward.fn, cfg.method["alpha"], cfg.reward.lam) == (reward, alpha, lam)
+    assert (cfg.model.height, cfg.model.width, cfg.train.steps) == (size, size, steps)
+    assert (cfg.train.finetune, cfg.train.lr, cfg.train.batch_size, cfg.train.ema, cfg.train.num_steps) == ("full", 1e-5, 64, 0.995, 25)
+    assert cfg.model.path == "/models/x" and cfg.reward.fn in BUILTIN
+
+
 def test_set_overrides_are_typed():
     cfg = config.load(PRESET, ["train.steps=7", "method.alpha=0.1", "train.ema=0.99", "train.lora_targets=to_q,to_k"])
     assert cfg.train.steps == 7 and cfg.method["alpha"] == 0.1 and cfg.train.ema == 0.99
     assert cfg.train.lora_targets == ["to_q", "to_k"]
+    combo = config.load(PRESET, ["reward.fn={shapescore: 1.0, pickscore: 0.5}", "model.guidance_scale=4"])
+    assert combo.reward.fn == {"shapescore": 1.0, "pickscore": 0.5} and combo.model.guidance_scale == 4.0
+    with pytest.raises(UserError, match=r"reward.fn.pickscore must be a number"):
+        config.load(PRESET, ["reward.fn={shapescore: 1.0, pickscore: high}"])
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -7,6 +7,8 @@ averaged over the batch, back-propagated.  The transformer's parameter gradients
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_grads_close, grads_differ
@@ -270,7 +272,9 @@ def test_every_method_builds_with_defaults():
     for name in REGISTRY:
         method = build_method({"name": name})
         assert method.name == name
-        assert build_method({"name": name}, typed_options=True) == {"name": name}
+        typed = build_method({"name": name}, typed_options=True)  # config.yaml spells every option out
+        assert typed["name"] == name and build_method(typed) == method
+        assert set(typed) == {"name"} | {f.name for f in dataclasses.fields(method) if f.init}
 
 
 @pytest.mark.parametrize("options,word", [

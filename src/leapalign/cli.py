@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,8 +15,35 @@ def _train(args) -> None:
     from .train import train
 
     cfg = config.load(args.config, args.set)
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(args.num_processes, args.raw_argv)
+        return
     summary = train(cfg, resume=args.resume)
-    _print_summary(summary, cfg.output.dir)
+    if "after" in summary:  # the main process
+        _print_summary(summary, cfg.output.dir)
+
+
+def _relaunch(n: int, raw_argv: list[str]) -> None:
+    """`leapalign train --num-processes N ...` = torchrun with N processes on this machine (accelerate reads its env)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv, skip = [], False
+    for a in raw_argv:  # the same command without --num-processes
+        if skip or a.startswith("--num-processes="):
+            skip = False
+            continue
+        skip = a == "--num-processes"
+        if not skip:
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "leapalign", *argv]
+    code = subprocess.call(cmd)
+    if code:
+        raise SystemExit(code)
 
 
 def _demo(args) -> None:
@@ -85,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML file, e.g. configs/shapeworld_leapalign.yaml")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     t.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from checkpoints/latest or a named checkpoint")
+    t.add_argument("--num-processes", type=int, default=1,
+                   help="data-parallel processes on this machine (GPUs, or CPU processes over gloo); train.batch_size is per process")
     t.set_defaults(func=_train)
     d = sub.add_parser("demo", help="LeapAlign LoRA on the embedded ShapeWorld base, with before/after evaluation")
     d.add_argument("--output-dir", default="runs/demo")
@@ -122,6 +152,7 @@ def _quiet_libraries() -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     try:
         args.func(args)

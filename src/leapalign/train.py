@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import shutil
 import time
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt
 from . import config as config_mod
 from .backbones import load_backbone
 from .errors import UserError
@@ -26,19 +29,31 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], height: int, width: int, lam: float, scale: float,
-                    need_grad: bool = True):
-    """Decode the real sample once, score it, and return (rewards, per-sample hinge losses, dLoss_b/dx_N or None)."""
+                    need_grad: bool = True, chunk: int = 0):
+    """Decode the real sample once, score it, and return (rewards, per-sample hinge losses, dLoss_b/dx_N or None).
+
+    `chunk` > 0 decodes and scores that many images at a time (the VAE's activations at full
+    resolution are the biggest tensors of a step); a per-image reward gives the same result.
+    The reward's `last_components` then holds the whole batch's values, as without chunks.
+    """
     x = sample.detach().requires_grad_(need_grad)
-    if not need_grad:
-        with torch.no_grad():
-            r = reward(backbone.decode(x, height, width), prompts)
-        return r, torch.relu(lam - r) * scale, None
-    with torch.enable_grad():
-        images = backbone.decode(x, height, width)
-        r = reward(images, prompts)
-        losses = torch.relu(lam - r) * scale
-        (grad,) = torch.autograd.grad(losses.sum(), x)
-    return r.detach(), losses.detach(), grad
+    size = chunk if chunk > 0 else len(prompts)
+    rs, grads, parts = [], [], {}
+    for i in range(0, len(prompts), size):
+        xi, pi = x[i : i + size], prompts[i : i + size]
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            ri = reward(backbone.decode(xi, height, width), pi)
+            if need_grad:
+                (gi,) = torch.autograd.grad((torch.relu(lam - ri) * scale).sum(), x)
+                grads.append(gi)
+        rs.append(ri.detach())
+        for name, values in getattr(reward, "last_components", {}).items():
+            parts.setdefault(name, []).append(values)
+    r = torch.cat(rs)
+    if len(rs) > 1 and parts:
+        reward.last_components = {k: torch.cat(v) for k, v in parts.items()}
+    grad = None if not need_grad else (grads[0] if len(grads) == 1 else torch.stack(grads).sum(0))
+    return r, torch.relu(lam - r) * scale, grad
 
 
 def backward_surrogates(backbone, method, reward, traj, grad, losses, generator, lam: float, scale: float, factor: float = 1.0):
@@ -134,47 +149,36 @@ class EMA:
             s.copy_(tmp)
 
 
+class MasterWeights:
+    """fp32 copies of trainable weights stored in bf16/fp16: the optimiser and EMA update the copies,
+    the model runs on their rounding.  Without them an update below half a bf16 ulp of its weight
+    (lr 1e-5 on a weight of 0.1 is one) is lost entirely.  With fp32 weights this is a no-op.
+    """
+
+    def __init__(self, params: list, enabled: bool = True):
+        self.model = params
+        self.enabled = enabled and any(p.dtype != torch.float32 for p in params)
+        self.params = [p.detach().float().clone().requires_grad_(True) for p in params] if self.enabled else params
+
+    def grads_to_master(self) -> None:
+        if self.enabled:
+            for m, p in zip(self.params, self.model):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def to_model(self) -> None:
+        if self.enabled:
+            for m, p in zip(self.params, self.model):
+                p.copy_(m)
+
+
 def save_lora(backbone, directory: Path) -> None:
     """A diffusers LoRA file: `FluxPipeline.load_lora_weights(directory)` loads it."""
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(backbone.transformer)
     type(backbone.pipe).save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True)
-
-
-def save_checkpoint(directory: Path, step: int, params, optimizer, ema: EMA | None, generators: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}, tmp / "trainable.safetensors")
-    if ema is not None:
-        save_file({f"p{i}": s.cpu().contiguous() for i, s in enumerate(ema.shadow)}, tmp / "ema.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "generators": {k: g.get_state() for k, g in generators.items()}}, tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-    (directory.parent / "latest").write_text(directory.name)
-
-
-def load_checkpoint(directory: Path, params, optimizer, ema: EMA | None, generators: dict) -> int:
-    from safetensors.torch import load_file
-
-    weights = load_file(directory / "trainable.safetensors")
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(weights[f"p{i}"])
-        if ema is not None and (directory / "ema.safetensors").is_file():
-            for i, t in load_file(directory / "ema.safetensors").items():
-                ema.shadow[int(i[1:])].copy_(t)
-    state = torch.load(directory / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-    return json.loads((directory / "trainer_state.json").read_text())["step"]
 
 
 def plot_curve(metrics: list[dict], path: Path, evals: list[dict]) -> None:
@@ -200,6 +204,64 @@ def plot_curve(metrics: list[dict], path: Path, evals: list[dict]) -> None:
     plt.close(fig)
 
 
+def average_across_ranks(params, agg: dict, bad: str | None) -> str | None:
+    """Mean of the gradients and logged values over the processes (one all-reduce); a step is bad if any rank's is.
+
+    Parameters without a gradient on a rank count as zeros there, so every rank sends the same layout.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    keys = sorted(agg)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] +
+                     [torch.tensor([agg[k] for k in keys] + [float(bad is not None)], device=params[0].device)])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+    for i, k in enumerate(keys):
+        agg[k] = flat[offset + i].item()
+    any_bad = flat[-1].item() > 0
+    return (bad or "value on another rank") if any_bad else None
+
+
+class Guard:
+    """Counts skipped (non-finite) steps, stops a run that keeps failing, and warns once when the reward collapses."""
+
+    def __init__(self, max_in_a_row: int, say):
+        self.max_in_a_row, self.say = max_in_a_row, say
+        self.skipped, self.in_a_row, self.rewards, self.warned = 0, 0, [], False
+
+    def record(self, step: int, bad: str | None, rec: dict) -> int:
+        if bad is None:
+            self.in_a_row = 0
+            return self.skipped
+        self.skipped += 1
+        self.in_a_row += 1
+        self.say(f"step {step} skipped: non-finite {bad} (k, j = {rec.get('k')}, {rec.get('j')}; prompts {rec.get('prompts')})")
+        if self.in_a_row >= self.max_in_a_row:
+            raise UserError(f"stopped at step {step}: {self.in_a_row} steps in a row had a non-finite {bad}; "
+                            "lower train.lr, check the reward, or resume from the last checkpoint")
+        return self.skipped
+
+    def watch_reward(self, rec: dict) -> None:
+        """Divergence: the last 10 steps' mean reward far below the first 10 steps' (3 standard deviations)."""
+        if "skipped" in rec:
+            return
+        self.rewards.append(rec["reward"])
+        if self.warned or len(self.rewards) < 20:
+            return
+        first, last = np.array(self.rewards[:10]), np.array(self.rewards[-10:])
+        if last.mean() < first.mean() - max(3 * first.std(), 1e-3):
+            self.warned = True
+            self.say(f"warning: the reward is collapsing ({first.mean():.4f} over the first 10 steps, {last.mean():.4f} over the "
+                     f"last 10); the run may be diverging: consider a lower train.lr")
+
+
 def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = True) -> dict:
     """Run a whole training job described by `cfg`; returns the summary written to summary.json."""
     from accelerate import Accelerator
@@ -212,14 +274,18 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     if tc.num_steps < 2:
         raise UserError("train.num_steps must be >= 2 so that a method has two steps to choose from")
     out = Path(cfg.output.dir)
+    config_text = config_mod.dump(cfg)
     if resume is None and out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
         raise UserError(f"output directory {out} already exists and is not empty; choose another output.dir, pass --resume, or set output.overwrite=true")
-    if resume is not None and not (out / "checkpoints").is_dir():
-        raise UserError(f"nothing to resume in {out}: it has no checkpoints/ folder")
+    resume_from = None
+    if resume is not None:
+        resume_from = ckpt.resolve(out, resume)
+        ckpt.check_config(resume_from, config_text)
 
     # Everything that can fail on bad input happens before the output directory is touched.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process  # logs, evaluates and saves; every rank trains
     set_seed(tc.seed)
     method = build_method(cfg.method)
     method.check(tc.num_steps)
@@ -231,110 +297,170 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     with torch.no_grad():  # preflight: the reward accepts what the decoder makes
         probe = backbone.decode(backbone.initial_noise(2, H, W, torch.Generator(device).manual_seed(0)), H, W)
         reward(probe, [train_rows[0]["prompt"]] * 2)
-    params = setup_trainable(backbone, tc)
+    reward.check_finite = False  # from here on a non-finite reward skips the step (guards below) instead of stopping
+    model_params = setup_trainable(backbone, tc)
+    master = MasterWeights(model_params, tc.fp32_master)
+    params = master.params  # what the optimiser, clipping, EMA and checkpoints see
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     ema = EMA(params, tc.ema) if tc.ema else None
+
+    def swap_ema() -> None:
+        ema.swap()
+        master.to_model()
     gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(device).manual_seed(tc.seed + 1),
             "pairs": torch.Generator().manual_seed(tc.seed + 2)}
 
-    if resume is None and out.exists() and cfg.output.overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config_mod.dump(cfg))
-    start = 0
-    if resume is not None:
-        ckpt = out / "checkpoints" / ((out / "checkpoints" / "latest").read_text().strip() if resume == "latest" else resume)
-        if not ckpt.is_dir():
-            raise UserError(f"checkpoint {ckpt} does not exist")
-        start = load_checkpoint(ckpt, params, optimizer, ema, gens)
+    accelerator.wait_for_everyone()  # every rank has checked the output directory before the main one writes to it
+    if main:
+        if resume is None and out.exists() and cfg.output.overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_text)
+    start = ckpt.load(resume_from, params, optimizer, ema, gens) if resume_from is not None else 0
+    master.to_model()
     writer = None
-    if cfg.output.tensorboard:
+    if cfg.output.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
 
     def run_eval(tag: str) -> tuple[dict, torch.Tensor]:
         if ema is not None:
-            ema.swap()
+            swap_ema()
         res, imgs = evaluate_model(backbone, reward, eval_rows, ec.num_steps, H, W, ec.batch_size, ec.num_images)
         if ema is not None:
-            ema.swap()
+            swap_ema()
         evaluated = spread(eval_rows, ec.num_images) if ec.num_images else eval_rows
         pick = spread(list(range(len(imgs))), ec.grid_size)
         save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], out / "samples" / f"{tag}.png",
                   title=f"{tag}: reward {res.get('reward', float('nan')):.3f}" + (f", ShapeEval {res['shapeeval']['overall']:.2f}" if "shapeeval" in res else ""))
-        return {k: v for k, v in res.items() if k != "rewards"}, imgs
+        return {k: v for k, v in res.items() if k not in ("rewards", "per_image")}, imgs
 
-    summary = {"method": method.name, "steps": tc.steps}
-    before, _ = run_eval("before") if start == 0 else (json.loads((out / "summary_before.json").read_text()), None)
-    write_json(out / "summary_before.json", before)
-    evals = [{"step": start, "reward": before.get("reward", float("nan"))}] if start == 0 else []
+    def save(step_done: int, rng: dict) -> None:
+        """Every rank joins (parameters are identical on all ranks); the main one writes."""
+        accelerator.wait_for_everyone()
+        if main:
+            ckpt.save(out / "checkpoints", step_done, params, optimizer, ema, rng, config_text, tc.keep_last_n)
+        accelerator.wait_for_everyone()
+
+    summary = {"method": method.name, "steps": tc.steps, "processes": world}
+    evals = []
+    if main:
+        before, _ = run_eval("before") if start == 0 else (json.loads((out / "summary_before.json").read_text()), None)
+        write_json(out / "summary_before.json", before)
+        evals = [{"step": start, "reward": before.get("reward", float("nan"))}] if start == 0 else []
+    accelerator.wait_for_everyone()
 
     metrics_path = out / "metrics.jsonl"
     metrics: list[dict] = [json.loads(l) for l in metrics_path.read_text().splitlines()] if resume and metrics_path.exists() else []
     metrics = [m for m in metrics if m["step"] <= start]
-    metrics_file = metrics_path.open("w")
+    metrics_file = metrics_path.open("w") if main else open(os.devnull, "w")
     for m in metrics:
         metrics_file.write(json.dumps(m) + "\n")
     B = tc.batch_size
+    mine = slice(rank * B, (rank + 1) * B)  # this rank's share of the global batch of B x processes
     bar = range(start, tc.steps)
+    progress = progress and main
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(bar, desc=f"{method.name}", initial=start, total=tc.steps)
+    say = bar.write if progress else print
+    guard = Guard(tc.max_bad_steps, say)
+    resume_point = (start, ckpt.capture_rng(gens))  # what Ctrl-C saves: the state after the last finished step
     backbone.transformer.train()
-    for step in bar:
-        t0 = time.time()
-        rec: dict = {"step": step + 1}
-        agg = {"reward": 0.0, "loss": 0.0}
-        infos = []
-        for _ in range(tc.grad_accum):
-            prompts = [train_rows[i]["prompt"] for i in draw_prompts(train_rows, B, gens["prompts"], tc.balance_tags)]
-            traj = rollout(backbone, prompts, tc.num_steps, H, W, generator=gens["noise"], keep_velocities=method.needs_velocities)
-            r, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale,
-                                             need_grad=method.reward_on_sample)
-            agg["reward"] += r.mean().item() / tc.grad_accum
-            loss, step_infos = backward_surrogates(backbone, method, reward, traj, grad, losses, gens["pairs"], cfg.reward.lam,
-                                                   cfg.reward.scale, 1.0 / tc.grad_accum)
-            agg["loss"] += loss
-            infos += step_infos
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-        rec.update(agg)
-        rec["grad_norm"] = float(grad_norm)
-        for key in ("d_j", "d_N", "weight", "k", "j"):
-            vals = [i[key] for i in infos if key in i]
-            if vals:
-                rec[key] = float(np.mean(vals)) if key not in ("k", "j") else (vals[0] if len(vals) == 1 else vals)
-        rec["seconds"] = time.time() - t0
-        rec["peak_memory_mb"] = peak_memory_mb(device)
-        metrics.append(rec)
-        metrics_file.write(json.dumps(rec) + "\n")
-        metrics_file.flush()
-        if writer is not None:
-            for k2, v in rec.items():
-                if isinstance(v, (int, float)) and k2 != "step":
-                    writer.add_scalar(f"train/{k2}", v, step + 1)
-        if progress:
-            bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['loss']:.3f}")
-        if ec.every and (step + 1) % ec.every == 0 and step + 1 < tc.steps:
-            res, _ = run_eval(f"step_{step + 1}")
-            evals.append({"step": step + 1, "reward": res.get("reward", float("nan"))})
+    try:
+        for step in bar:
+            t0 = time.time()
+            rec: dict = {"step": step + 1}
+            agg = {"reward": 0.0, "loss": 0.0}
+            infos, bad, prompts = [], None, []
+            for _ in range(tc.grad_accum):
+                # every rank draws the whole global batch from the shared generators and keeps its slice,
+                # so N processes with batch b train exactly like one process with batch N b
+                picks = draw_prompts(train_rows, B * world, gens["prompts"], tc.balance_tags)[mine]
+                noise = backbone.initial_noise(B * world, H, W, gens["noise"])[mine]
+                prompts = [train_rows[i]["prompt"] for i in picks]
+                traj = rollout(backbone, prompts, tc.num_steps, H, W, noise=noise, keep_velocities=method.needs_velocities)
+                r, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale,
+                                                 need_grad=method.reward_on_sample, chunk=tc.decode_batch)
+                if not (torch.isfinite(r).all() and (grad is None or torch.isfinite(grad).all())):
+                    bad = bad or "reward"
+                    continue  # the other ranks still run this micro-step: collectives stay matched
+                agg["reward"] += r.mean().item() / tc.grad_accum
+                components = getattr(reward, "last_components", {})  # of this call: surrogates may score again
+                if len(components) > 1:  # a weighted sum: each reward logged by name
+                    for name, values in components.items():
+                        agg[f"reward/{name}"] = agg.get(f"reward/{name}", 0.0) + values.float().mean().item() / tc.grad_accum
+                loss, step_infos = backward_surrogates(backbone, method, reward, traj, grad, losses, gens["pairs"], cfg.reward.lam,
+                                                       cfg.reward.scale, 1.0 / tc.grad_accum)
+                agg["loss"] += loss
+                infos += step_infos
+                if not math.isfinite(loss):
+                    bad = bad or "loss"
+            if world > 1:
+                bad = average_across_ranks(model_params, agg, bad)
+            master.grads_to_master()
+            grad_norm = float("nan")
+            if bad is None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+                if not math.isfinite(grad_norm):
+                    bad = "gradient"
+            if bad is None:
+                optimizer.step()
+                master.to_model()
+                if ema is not None:
+                    ema.update()
+            optimizer.zero_grad(set_to_none=True)
+            for p in model_params:
+                p.grad = None
+            rec.update(agg)
+            rec["grad_norm"] = grad_norm
+            for key in ("d_j", "d_N", "weight", "k", "j"):
+                vals = [i[key] for i in infos if key in i]
+                if vals:
+                    rec[key] = float(np.mean(vals)) if key not in ("k", "j") else (vals[0] if len(vals) == 1 else vals)
+            if bad is not None:
+                rec.update({"skipped": f"non-finite {bad}", "prompts": prompts})
+            rec["skipped_steps"] = guard.record(step + 1, bad, rec)
+            rec["seconds"] = time.time() - t0
+            rec["peak_memory_mb"] = peak_memory_mb(device)
+            guard.watch_reward(rec)
+            metrics.append(rec)
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+            resume_point = (step + 1, ckpt.capture_rng(gens))
             if writer is not None:
-                writer.add_scalar("eval/reward", res.get("reward", float("nan")), step + 1)
-        if tc.save_every and (step + 1) % tc.save_every == 0:
-            save_checkpoint(out / "checkpoints" / f"step_{step + 1}", step + 1, params, optimizer, ema, gens)
+                for k2, v in rec.items():
+                    if isinstance(v, (int, float)) and k2 != "step":
+                        writer.add_scalar(f"train/{k2}", v, step + 1)
+            if progress:
+                bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['loss']:.3f}")
+            if ec.every and (step + 1) % ec.every == 0 and step + 1 < tc.steps:
+                if main:
+                    res, _ = run_eval(f"step_{step + 1}")
+                    evals.append({"step": step + 1, "reward": res.get("reward", float("nan"))})
+                    if writer is not None:
+                        writer.add_scalar("eval/reward", res.get("reward", float("nan")), step + 1)
+                accelerator.wait_for_everyone()
+            if tc.save_every and (step + 1) % tc.save_every == 0:
+                save(step + 1, resume_point[1])
+    except KeyboardInterrupt:  # no barrier here: the other ranks may be anywhere
+        if main:
+            ckpt.save(out / "checkpoints", resume_point[0], params, optimizer, ema, resume_point[1], config_text, tc.keep_last_n)
+        metrics_file.close()
+        say(f"interrupted: saved checkpoints/step_{resume_point[0]}; continue with `leapalign train --config {out / 'config.yaml'} --resume`")
+        raise
     metrics_file.close()
     backbone.transformer.eval()
-    save_checkpoint(out / "checkpoints" / f"step_{tc.steps}", tc.steps, params, optimizer, ema, gens)
+    save(tc.steps, resume_point[1])
+    if not main:
+        return summary
 
     after, _ = run_eval("after")
     evals.append({"step": tc.steps, "reward": after.get("reward", float("nan"))})
     if ema is not None:
-        ema.swap()
+        swap_ema()
     if tc.finetune == "lora":
         save_lora(backbone, out / "lora")
         summary["lora"] = "lora"
@@ -342,8 +468,10 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         backbone.transformer.save_pretrained(out / "transformer", safe_serialization=True)
         summary["transformer"] = "transformer"
     summary.update({"before": before, "after": after})
+    if guard.skipped:
+        summary["skipped_steps"] = guard.skipped
     write_json(out / "summary.json", summary)
-    plot_curve(metrics, out / "reward_curve.png", evals)
+    plot_curve([m for m in metrics if "skipped" not in m], out / "reward_curve.png", evals)
     if writer is not None:
         writer.close()
     return summary

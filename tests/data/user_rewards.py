@@ -1,5 +1,4 @@
 """Rewards a user might write, good and bad, for the plug-in tests."""
-import torch
 
 
 def redness(images, prompts):
@@ -13,3 +12,19 @@ def wrong_shape(images, prompts):
 
 def not_finite(images, prompts):
     return images.flatten(1).mean(1) * float("nan")
+
+
+def brightness(images, prompts):
+    return images.flatten(1).mean(1)
+
+
+def nan_on_poison(images, prompts):
+    """Finite except for the prompt "poison", whose images score NaN (tests the non-finite guard)."""
+    r = images.flatten(1).mean(1)
+    return r * (1 + 0 * r) + r.new_tensor([float("nan") if p == "poison" else 0.0 for p in prompts])
+
+
+def nan_when_training(images, prompts):
+    """Finite in the no-gradient preflight and evaluations, NaN on every training sample."""
+    r = images.flatten(1).mean(1)
+    return r * float("nan") if images.requires_grad else r

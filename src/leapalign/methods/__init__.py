@@ -28,7 +28,7 @@ REGISTRY: dict[str, type[Method]] = {
 def build_method(options: dict, typed_options: bool = False):
     """A method from `{"name": ..., **its options}`, with unknown names, keys and bad values rejected.
 
-    With `typed_options`, return the options converted to the fields' types instead (for the config)."""
+    With `typed_options`, return all its options, defaults included, in the fields' types instead (for the config)."""
     from ..config import coerce
 
     options = dict(options)
@@ -48,8 +48,9 @@ def build_method(options: dict, typed_options: bool = False):
         method = cls(**options)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
-    if typed_options:  # plain YAML types for config.yaml
-        return {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    if typed_options:  # every option, resolved, in plain YAML types: config.yaml says exactly what ran
+        values = {f: getattr(method, f) for f in fields if fields[f].init}
+        return {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
     return method
 
 

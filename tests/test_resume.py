@@ -1,0 +1,169 @@
+"""Surviving crashes: bit-exact resume, Ctrl-C, SIGKILL during a save, non-finite guards, config
+changes on resume, retention and refusal of code-executing pickles.
+
+A tiny random FLUX pipeline saved to disk stands in for a real model; everything runs on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import conftest
+from leapalign import config
+from leapalign import checkpoint as ckpt
+from leapalign import train as train_mod
+from leapalign.errors import UserError
+
+DATA = Path(__file__).parent / "data"
+PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flux") / "pipe"
+    conftest._build(merged=False).save_pretrained(folder)
+    return folder
+
+
+def _cfg(tmp_path, model_dir, name, *overrides, prompts=PROMPTS, reward="brightness"):
+    pfile = tmp_path / f"{name}_prompts.txt"
+    pfile.write_text("\n".join(prompts) + "\n")
+    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:{reward}",
+                              f"output.dir={tmp_path / name}", f"train.prompts={pfile}", f"eval.prompts={pfile}", "train.steps=4",
+                              "train.batch_size=2", "train.num_steps=4", "train.lr=1e-2", "train.ema=0.9", "eval.num_steps=2",
+                              "eval.grid_size=2", "method.pairs_per_rollout=2", "output.tensorboard=false", *overrides])
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Step-for-step equal metrics (timings aside) and bit-equal final weights, EMA and LoRA."""
+    drop = ("seconds", "peak_memory_mb")
+    ma = [{k: v for k, v in m.items() if k not in drop} for m in _metrics(a)]
+    mb = [{k: v for k, v in m.items() if k not in drop} for m in _metrics(b)]
+    assert ma == mb
+    for f in ("checkpoints/step_4/trainable.safetensors", "checkpoints/step_4/ema.safetensors", "lora/pytorch_lora_weights.safetensors"):
+        wa, wb = load_file(a / f), load_file(b / f)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, model_dir):
+    tmp = tmp_path_factory.mktemp("full")
+    train_mod.train(_cfg(tmp, model_dir, "full"), progress=False)
+    return tmp / "full"
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tmp_path, model_dir, full_run):
+    train_mod.train(_cfg(tmp_path, model_dir, "part", "train.steps=2"), progress=False)  # a run that stopped at step 2
+    with pytest.warns(UserWarning, match="train.steps: 2 -> 4"):
+        train_mod.train(_cfg(tmp_path, model_dir, "part"), resume="latest", progress=False)
+    _assert_same_run(full_run, tmp_path / "part")
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, model_dir, full_run, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.rollout
+
+    def interrupt_third_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "rollout", interrupt_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(_cfg(tmp_path, model_dir, "cc"), progress=False)
+    out = tmp_path / "cc"
+    assert (out / "checkpoints" / "latest").read_text() == "step_2"
+    monkeypatch.setattr(train_mod, "rollout", real)
+    train_mod.train(_cfg(tmp_path, model_dir, "cc"), resume="latest", progress=False)
+    _assert_same_run(full_run, out)
+
+
+KILLER = r"""
+import sys, time, torch
+from pathlib import Path
+from leapalign import checkpoint as ckpt
+root = Path(sys.argv[1])
+p = [torch.nn.Parameter(torch.ones(4))]
+opt = torch.optim.AdamW(p)
+ckpt.save(root, 1, p, opt, None, ckpt.capture_rng({}), "train: {}\n")
+import safetensors.torch as st
+real = st.save_file
+def slow(tensors, path, *a, **k):  # the second save hangs half-way so the parent can kill it
+    Path(path).write_bytes(b"half a file")
+    print("saving", flush=True)
+    time.sleep(60)
+st.save_file = slow
+ckpt.save(root, 2, [torch.nn.Parameter(torch.zeros(4))], opt, None, ckpt.capture_rng({}), "train: {}\n")
+"""
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    root = tmp_path / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saving"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (root / "latest").read_text() == "step_1"
+    assert (root / "step_2.partial").is_dir() and not (root / "step_2").exists()
+    p = [torch.nn.Parameter(torch.zeros(4))]
+    assert ckpt.load(ckpt.resolve(tmp_path, "latest"), p, torch.optim.AdamW(p), None, {}) == 1
+    assert torch.equal(p[0].detach(), torch.ones(4))
+    ckpt.save(root, 2, p, torch.optim.AdamW(p), None, ckpt.capture_rng({}), "")  # the next save clears the debris
+    assert not (root / "step_2.partial").exists() and (root / "latest").read_text() == "step_2"
+
+
+def test_non_finite_steps_are_skipped_logged_and_counted(tmp_path, model_dir):
+    prompts = ["a red circle", "poison", "a cyan triangle", "a small yellow square"]
+    summary = train_mod.train(_cfg(tmp_path, model_dir, "nan", "train.steps=6", "train.max_bad_steps=6", prompts=prompts,
+                                   reward="nan_on_poison"), progress=False)
+    metrics = _metrics(tmp_path / "nan")
+    skipped = [m for m in metrics if "skipped" in m]
+    assert skipped and all("poison" in m["prompts"] and m["skipped"] == "non-finite reward" for m in skipped)
+    assert all("poison" not in m.get("prompts", []) for m in metrics if "skipped" not in m)
+    assert summary["skipped_steps"] == len(skipped) == metrics[-1]["skipped_steps"]
+    w = load_file(tmp_path / "nan" / "checkpoints" / "step_6" / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, model_dir):
+    with pytest.raises(UserError, match=r"stopped at step 3: 3 steps in a row had a non-finite reward"):
+        train_mod.train(_cfg(tmp_path, model_dir, "allnan", "train.max_bad_steps=3", reward="nan_when_training"), progress=False)
+
+
+def test_resume_refuses_a_changed_config_and_allows_harmless_changes(tmp_path, model_dir):
+    train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=2"), progress=False)
+    with pytest.raises(UserError, match=r"cannot resume step_2 with a different config \(method.alpha: 0.3 -> 0.1; train.seed: 0 -> 1\)"):
+        train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=3", "method.alpha=0.1", "train.seed=1"), resume="latest", progress=False)
+    with pytest.warns(UserWarning, match="output.log_every: 1 -> 5"):
+        train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=3", "output.log_every=5"), resume="latest", progress=False)
+    assert (tmp_path / "cfg" / "checkpoints" / "latest").read_text() == "step_3"
+
+
+def test_keep_last_n_keeps_the_newest_checkpoints(tmp_path, model_dir):
+    train_mod.train(_cfg(tmp_path, model_dir, "keep", "train.save_every=1", "train.keep_last_n=2"), progress=False)
+    assert sorted(d.name for d in (tmp_path / "keep" / "checkpoints").iterdir()) == ["latest", "step_3", "step_4"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    bad = tmp_path / "state.pt"
+    torch.save({"optimizer": _Exploit()}, bad)
+    with pytest.raises(UserError, match="refused to unpickle"):
+        ckpt.load_state(bad)
