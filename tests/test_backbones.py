@@ -152,3 +152,10 @@ def test_weighted_rewards_are_logged_per_component(tmp_path, model_dir):
     for rec in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):
         assert rec["reward"] == pytest.approx(rec[f"reward/{red}"] + 0.5 * rec[f"reward/{bright}"], abs=1e-6)
         assert rec[f"reward/{red}"] != pytest.approx(rec[f"reward/{bright}"], abs=1e-3)
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    """A hub id goes through from_pretrained; with HF_HUB_OFFLINE only the cache is searched, and a miss says so."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"could not load the pipeline at nobody/no-such-model \(HF_HUB_OFFLINE is set: only the local cache is searched\)"):
+        load_backbone(config.ModelConfig(path="nobody/no-such-model"))
