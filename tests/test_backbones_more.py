@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from leapalign.backbones.flux2 import Flux2KleinBackbone, scheduler_sigmas
+from leapalign.backbones.flux2 import Flux2KleinBackbone
+from leapalign.schedule import scheduler_sigmas
 from leapalign.backbones.qwenimage import QwenImageBackbone
 from leapalign.rollout import rollout
 

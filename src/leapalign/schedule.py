@@ -27,15 +27,35 @@ def static_shift(shift: float, sigmas: np.ndarray) -> np.ndarray:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def flow_sigmas(num_steps: int, *, mu: float | None = None, shift: float = 1.0) -> torch.Tensor:
-    """The N + 1 sigmas of a rollout, from 1 shifted down to a final 0.
+def scheduler_sigmas(cfg, num_steps: int, mu: float | None) -> torch.Tensor:
+    """FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu).sigmas.
 
-    Matches FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu)
-    with use_dynamic_shifting when `mu` is given, or its static `shift` otherwise.
+    Covers dynamic (exponential / linear) and static shift and `shift_terminal` (Qwen-Image);
+    the options that change the sampler itself are refused rather than silently mis-reproduced.
     """
+    for opt in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                "stochastic_sampling", "use_flow_sigmas"):
+        if cfg.get(opt, False):
+            raise ValueError(f"the scheduler option {opt} is not supported by leapalign's rollout")
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)  # the scheduler casts first
-    sigmas = time_shift_exponential(mu, sigmas) if mu is not None else static_shift(shift, sigmas)
+    if cfg.get("use_dynamic_shifting", False):
+        if cfg.get("time_shift_type", "exponential") == "linear":
+            sigmas = mu / (mu + (1 / sigmas - 1))
+        else:
+            sigmas = time_shift_exponential(mu, sigmas)
+    else:
+        sigmas = static_shift(cfg.get("shift", 1.0), sigmas)
+    if cfg.get("shift_terminal", None):
+        if num_steps < 2:  # the stretch divides by 1 - sigma_last = 0: the pipeline itself gives NaN
+            raise ValueError("this scheduler (shift_terminal) needs at least 2 sampling steps")
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))
     return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), torch.zeros(1)])
+
+
+def flow_sigmas(num_steps: int, *, mu: float | None = None, shift: float = 1.0) -> torch.Tensor:
+    """scheduler_sigmas for a plain scheduler: dynamic shift when `mu` is given, the static `shift` otherwise."""
+    return scheduler_sigmas({"use_dynamic_shifting": mu is not None, "shift": shift}, num_steps, mu)
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float) -> torch.Tensor:

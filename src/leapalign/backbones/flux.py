@@ -124,7 +124,7 @@ class FluxBackbone(Backbone):
         if cfg.get("use_dynamic_shifting", False):
             mu = schedule.dynamic_shift_mu(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return schedule.flow_sigmas(num_steps, mu=mu, shift=cfg.get("shift", 1.0)).to(self.device)
+        return schedule.scheduler_sigmas(cfg, num_steps, mu).to(self.device)
 
     # ------------------------------------------------------------------ the model
     def velocity(self, x: torch.Tensor, sigma, cond: Conditioning) -> torch.Tensor:

@@ -11,37 +11,10 @@ from __future__ import annotations
 import inspect
 import math
 
-import numpy as np
 import torch
 
 from .. import schedule
 from .base import Backbone, Conditioning
-
-
-def scheduler_sigmas(cfg, num_steps: int, mu: float | None) -> torch.Tensor:
-    """FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu).sigmas.
-
-    Covers dynamic (exponential / linear) and static shift and `shift_terminal` (Qwen-Image);
-    the options that change the sampler itself are refused rather than silently mis-reproduced.
-    """
-    for opt in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                "stochastic_sampling", "use_flow_sigmas"):
-        if cfg.get(opt, False):
-            raise ValueError(f"the scheduler option {opt} is not supported by leapalign's rollout")
-    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)  # the scheduler casts first
-    if cfg.get("use_dynamic_shifting", False):
-        if cfg.get("time_shift_type", "exponential") == "linear":
-            sigmas = mu / (mu + (1 / sigmas - 1))
-        else:
-            sigmas = schedule.time_shift_exponential(mu, sigmas)
-    else:
-        sigmas = schedule.static_shift(cfg.get("shift", 1.0), sigmas)
-    if cfg.get("shift_terminal", None):
-        if num_steps < 2:  # the stretch divides by 1 - sigma_last = 0: the pipeline itself gives NaN
-            raise ValueError("this scheduler (shift_terminal) needs at least 2 sampling steps")
-        one_minus = 1 - sigmas
-        sigmas = 1 - one_minus / (one_minus[-1] / (1 - cfg["shift_terminal"]))
-    return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), torch.zeros(1)])
 
 
 def pack_tokens(z: torch.Tensor) -> torch.Tensor:
@@ -146,7 +119,7 @@ class Flux2KleinBackbone(Backbone):
 
         h, w = self.token_hw(height, width)
         mu = compute_empirical_mu(image_seq_len=h * w, num_steps=num_steps)
-        return scheduler_sigmas(self.pipe.scheduler.config, num_steps, mu).to(self.device)
+        return schedule.scheduler_sigmas(self.pipe.scheduler.config, num_steps, mu).to(self.device)
 
     # ------------------------------------------------------------------ the model
     def velocity(self, x: torch.Tensor, sigma, cond: Conditioning) -> torch.Tensor:

@@ -12,9 +12,9 @@ import math
 
 import torch
 
+from .. import schedule
 from .base import Backbone, Conditioning
 from .flux import pack_latents, unpack_latents
-from .flux2 import scheduler_sigmas
 
 
 def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +109,7 @@ class QwenImageBackbone(Backbone):
         h, w = self.latent_hw(height, width)
         mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return scheduler_sigmas(cfg, num_steps, mu).to(self.device)
+        return schedule.scheduler_sigmas(cfg, num_steps, mu).to(self.device)
 
     # ------------------------------------------------------------------ the model
     def _transformer(self, x, t, embeds, mask, img_shapes):
