@@ -51,3 +51,14 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
     # at most ~1e-5 of weight after three steps of size ~lr = 1e-2
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5)
+
+
+def test_bad_input_with_several_processes_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  path: {tmp_path / 'no-model'}\noutput:\n  dir: {tmp_path / 'out'}\n")
+    proc = subprocess.run([sys.executable, "-m", "leapalign", "train", "--config", str(cfg), "--num-processes", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"leapalign: error: model folder {tmp_path / 'no-model'} does not exist; "
+                                                "set model.path to a diffusers folder or hub id"]
+    assert not (tmp_path / "out").exists()

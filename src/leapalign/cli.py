@@ -12,21 +12,24 @@ from .errors import UserError
 
 def _train(args) -> None:
     from . import config
-    from .train import train
+    from .train import check_run, train
 
     cfg = config.load(args.config, args.set)
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(args.num_processes, args.raw_argv)
+        check_run(cfg, args.resume)  # bad input is one line here, not N copies from the workers
+        _launch_workers(args.num_processes, args.raw_argv)
         return
     summary = train(cfg, resume=args.resume)
     if "after" in summary:  # the main process
         _print_summary(summary, cfg.output.dir)
 
 
-def _relaunch(n: int, raw_argv: list[str]) -> None:
-    """`leapalign train --num-processes N ...` = torchrun with N processes on this machine (accelerate reads its env)."""
+def _launch_workers(n: int, raw_argv: list[str]) -> None:
+    """`leapalign train --num-processes N ...`: the same command in N processes on this machine, with the
+    environment torchrun would set (accelerate reads it).  If one fails, the others are stopped."""
     import socket
     import subprocess
+    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,9 +42,23 @@ def _relaunch(n: int, raw_argv: list[str]) -> None:
         skip = a == "--num-processes"
         if not skip:
             argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "leapalign", *argv]
-    code = subprocess.call(cmd)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
+    procs = [subprocess.Popen([sys.executable, "-m", "leapalign", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(n)]
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C: let the main one finish its checkpoint
+        for p in procs:
+            p.wait()
+        raise
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+    code = next((p.returncode for p in procs if p.returncode), 0)
     if code:
         raise SystemExit(code)
 

@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from .backbones import load_backbone
+from .backbones import check_model_path, load_backbone
 from .errors import UserError
 from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
 from .methods import build_method
@@ -262,12 +262,12 @@ class Guard:
                      f"last 10); the run may be diverging: consider a lower train.lr")
 
 
-def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = True) -> dict:
-    """Run a whole training job described by `cfg`; returns the summary written to summary.json."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def check_run(cfg: config_mod.Config, resume: str | None):
+    """The checks that need no model: numbers in range, the output directory, the checkpoint to resume.
 
-    tc, ec = cfg.train, cfg.eval
+    Returns (output dir, resolved config text, checkpoint folder or None).
+    """
+    tc = cfg.train
     for name, value in (("train.steps", tc.steps), ("train.batch_size", tc.batch_size), ("train.num_steps", tc.num_steps), ("train.grad_accum", tc.grad_accum)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
@@ -281,6 +281,17 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     if resume is not None:
         resume_from = ckpt.resolve(out, resume)
         ckpt.check_config(resume_from, config_text)
+    check_model_path(cfg.model.path)
+    return out, config_text, resume_from
+
+
+def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = True) -> dict:
+    """Run a whole training job described by `cfg`; returns the summary written to summary.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    tc, ec = cfg.train, cfg.eval
+    out, config_text, resume_from = check_run(cfg, resume)
 
     # Everything that can fail on bad input happens before the output directory is touched.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -365,7 +376,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         from tqdm.auto import tqdm
 
         bar = tqdm(bar, desc=f"{method.name}", initial=start, total=tc.steps)
-    say = bar.write if progress else print
+    say = (bar.write if progress else print) if main else (lambda message: None)  # one voice, not one per rank
     guard = Guard(tc.max_bad_steps, say)
     resume_point = (start, ckpt.capture_rng(gens))  # what Ctrl-C saves: the state after the last finished step
     backbone.transformer.train()

@@ -74,6 +74,11 @@ def _check_supported(cls_name: str | None) -> None:
         raise UserError(f"{cls_name} is not supported yet; supported pipelines: {', '.join(ADAPTERS)}")
 
 
+def check_model_path(path: str) -> None:
+    """Fail early, with one line, on a model folder that cannot be loaded (no model loading done here)."""
+    _check_supported(_pipeline_class(resolve_model_path(path)))
+
+
 def adapter_options(adapter, model_cfg) -> dict:
     """The model.* settings this adapter takes; None means the adapter's own default."""
     accepted = inspect.signature(adapter).parameters
@@ -87,7 +92,7 @@ def load_backbone(model_cfg, device: torch.device | str = "cpu") -> Backbone:
     path = resolve_model_path(model_cfg.path)
     if model_cfg.dtype not in DTYPES:
         raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {model_cfg.dtype!r}")
-    _check_supported(_pipeline_class(path))
+    check_model_path(path)
     from diffusers import DiffusionPipeline
 
     try:
