@@ -19,24 +19,29 @@ DATA = Path(__file__).parent / "data"
 PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle", "a green square"]
 
 
-def _cfg(tmp_path, model_dir, name, batch):
+def _cfg(tmp_path, model_dir, name, batch, *extra):
     pfile = tmp_path / "prompts.txt"
     pfile.write_text("\n".join(PROMPTS) + "\n")
     return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:brightness",
                               f"output.dir={tmp_path / name}", f"train.prompts={pfile}", f"eval.prompts={pfile}", "train.steps=3",
                               f"train.batch_size={batch}", "train.num_steps=4", "train.lr=1e-2", "eval.num_steps=2", "eval.num_images=2",
-                              "eval.grid_size=2", "method.pairs_per_rollout=2", "output.tensorboard=false"])
+                              "eval.grid_size=2", "method.pairs_per_rollout=2", "output.tensorboard=false", *extra])
 
 
-def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
+@pytest.mark.parametrize("parallel,finetune", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, parallel, finetune):
+    """DDP (gradients all-reduced) and FSDP2 (blocks sharded, gradients reduce-scattered) alike; what either
+    saves (checkpoint, LoRA, transformer folder) is whole, so it loads like a 1-process run's."""
     model_dir = tmp_path / "pipe"
     conftest._build(merged=False).save_pretrained(model_dir)
-    train(_cfg(tmp_path, model_dir, "one", 4), progress=False)
-    two = _cfg(tmp_path, model_dir, "two", 2)
+    extra = (f"train.finetune={finetune}", f"train.lr={1e-2 if finetune == 'lora' else 1e-3}", "train.ema=0.9")
+    train(_cfg(tmp_path, model_dir, "one", 4, *extra), progress=False)
+    two = _cfg(tmp_path, model_dir, "two", 2, f"train.parallel={parallel}", *extra)
     (tmp_path / "two.yaml").write_text(config.dump(two))
     proc = subprocess.run([sys.executable, "-m", "leapalign", "train", "--config", str(tmp_path / "two.yaml"), "--num-processes", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["parallel"] == parallel
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     a = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -44,13 +49,16 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
     for ma, mb in zip(a, b):
         for key in ("reward", "loss", "grad_norm"):
             assert mb[key] == pytest.approx(ma[key], rel=1e-5, abs=1e-7), (ma["step"], key)
-    wa = load_file(tmp_path / "one" / "checkpoints" / "step_3" / "trainable.safetensors")
-    wb = load_file(tmp_path / "two" / "checkpoints" / "step_3" / "trainable.safetensors")
-    assert wa.keys() == wb.keys() and all(m["grad_norm"] > 0 for m in a)
     # summation order differs (two half-batch means, then their mean); AdamW turns that round-off into
     # at most ~1e-5 of weight after three steps of size ~lr = 1e-2
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5)
+    files = ["checkpoints/step_3/trainable.safetensors", "checkpoints/step_3/ema.safetensors"]
+    files.append("lora/pytorch_lora_weights.safetensors" if finetune == "lora" else "transformer/diffusion_pytorch_model.safetensors")
+    assert all(m["grad_norm"] > 0 for m in a)
+    for f in files:
+        wa, wb = load_file(tmp_path / "one" / f), load_file(tmp_path / "two" / f)
+        assert wa.keys() == wb.keys(), f
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5)
 
 
 def test_bad_input_with_several_processes_is_one_line(tmp_path):

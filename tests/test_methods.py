@@ -81,6 +81,10 @@ class Fixed(Method):
     def __init__(self, *build):
         self.build = build
 
+    @property
+    def surrogates_per_rollout(self):
+        return len(self.build)
+
     def surrogates(self, backbone, traj, generator):
         for b in self.build:
             yield b(backbone, traj)

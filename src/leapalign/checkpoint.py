@@ -57,20 +57,31 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(root: Path, step: int, params, optimizer, ema, rng: dict, config_text: str, keep_last_n: int = 0) -> Path:
-    """Write checkpoints/step_<step>, then point `latest` at it, then drop all but the newest keep_last_n."""
+def save(root: Path, step: int, params, optimizer, ema, rng: dict, config_text: str, keep_last_n: int = 0,
+         write: bool = True) -> Path:
+    """Write checkpoints/step_<step>, then point `latest` at it, then drop all but the newest keep_last_n.
+
+    Every rank calls it (sharded tensors are gathered, a collective); only the one with `write` writes.
+    """
     from safetensors.torch import save_file
 
+    from .distributed import full_optimizer_state, full_state
+
+    weights = full_state({f"p{i}": p for i, p in enumerate(params)})
+    shadow = full_state({f"p{i}": s for i, s in enumerate(ema.shadow)}) if ema is not None else None
+    optim = full_optimizer_state(optimizer)
+    final = root / f"step_{step}"
+    if not write:
+        return final
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("*.partial"):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step_{step}"
     tmp = root / f"step_{step}.partial"
     tmp.mkdir()
-    save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}, tmp / "trainable.safetensors")
-    if ema is not None:
-        save_file({f"p{i}": s.detach().cpu().contiguous() for i, s in enumerate(ema.shadow)}, tmp / "ema.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "state.pt")
+    save_file(weights, tmp / "trainable.safetensors")
+    if shadow is not None:
+        save_file(shadow, tmp / "ema.safetensors")
+    torch.save({"optimizer": optim, "rng": rng}, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_text)
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
     if final.exists():  # the same step saved again (e.g. after resuming): swap, never leave neither
@@ -140,14 +151,17 @@ def load(path: Path, params, optimizer, ema, generators: dict) -> int:
     weights = load_file(path / "trainable.safetensors")
     if len(weights) != len(params):
         raise UserError(f"checkpoint {path} holds {len(weights)} trainable tensors, this run has {len(params)}; was it made with another finetune/LoRA setting?")
+    from .distributed import load_full_optimizer_state, shard_like
+
     with torch.no_grad():
         for i, p in enumerate(params):
-            p.copy_(weights[f"p{i}"])
+            p.copy_(shard_like(weights[f"p{i}"], p))
         if ema is not None and (path / "ema.safetensors").is_file():
             for i, t in load_file(path / "ema.safetensors").items():
-                ema.shadow[int(i[1:])].copy_(t)
+                ref = ema.shadow[int(i[1:])]
+                ref.copy_(shard_like(t, ref))
     state = load_state(path / "state.pt")
-    optimizer.load_state_dict(state["optimizer"])
+    load_full_optimizer_state(optimizer, state["optimizer"])
     restore_rng(state["rng"], generators)
     return json.loads((path / "trainer_state.json").read_text())["step"]
 

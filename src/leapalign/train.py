@@ -62,9 +62,11 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
     A connected surrogate reuses the rollout's reward gradient `grad`; an unconnected one (a
     prediction, e.g. ReFL) is decoded and scored itself.  Returns (loss value, surrogate infos).
     """
-    params = [p for p in backbone.transformer.parameters() if p.requires_grad]
-    before = [None if p.grad is None else p.grad.clone() for p in params]
     B, H, W = traj.sample.shape[0], traj.height, traj.width
+    m = method.surrogates_per_rollout
+    # each surrogate's backward is scaled by 1/M up front: the accumulated .grad is the mean directly
+    # (no in-place fix-up afterwards, which a sharded model's deferred gradient reduction would miss)
+    factor = factor / m
     loss, infos = 0.0, []
     for s in method.surrogates(backbone, traj, generator):
         infos.append(s.info)
@@ -80,12 +82,8 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
             pl = torch.relu(lam - reward(images, traj.prompts)) * scale
             ((w * pl).mean() * factor).backward()
             loss += (w * pl.detach()).mean().item() * factor
-    m = len(infos)
-    if m > 1:  # M surrogates of one rollout: their mean is the objective
-        for p, b in zip(params, before):
-            if p.grad is not None:
-                p.grad.sub_(0 if b is None else b).div_(m).add_(0 if b is None else b)
-        loss /= m
+    if len(infos) != m:
+        raise RuntimeError(f"{method.name} yielded {len(infos)} surrogates but declares surrogates_per_rollout = {m}")
     return loss, infos
 
 
@@ -173,12 +171,33 @@ class MasterWeights:
                 p.copy_(m)
 
 
-def save_lora(backbone, directory: Path) -> None:
-    """A diffusers LoRA file: `FluxPipeline.load_lora_weights(directory)` loads it."""
+def save_lora(backbone, directory: Path, write: bool = True) -> None:
+    """A diffusers LoRA file: `<Pipeline>.load_lora_weights(directory)` loads it.  Every rank calls it when sharded."""
     from peft.utils import get_peft_model_state_dict
 
-    layers = get_peft_model_state_dict(backbone.transformer)
-    type(backbone.pipe).save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True)
+    from .distributed import full_state
+
+    layers = full_state(get_peft_model_state_dict(backbone.transformer))
+    if write:
+        type(backbone.pipe).save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True)
+
+
+def save_transformer(backbone, directory: Path, write: bool = True) -> None:
+    """A diffusers transformer folder (`<Model>.from_pretrained(directory)`), gathered from shards if sharded."""
+    from .distributed import full_state, is_sharded
+
+    tr = backbone.transformer
+    if not any(is_sharded(p) for p in tr.parameters()):
+        if write:
+            tr.save_pretrained(directory, safe_serialization=True)
+        return
+    state = full_state(tr.state_dict())
+    if write:
+        from huggingface_hub import save_torch_state_dict
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_torch_state_dict(state, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+        tr.save_config(directory)
 
 
 def plot_curve(metrics: list[dict], path: Path, evals: list[dict]) -> None:
@@ -204,8 +223,18 @@ def plot_curve(metrics: list[dict], path: Path, evals: list[dict]) -> None:
     plt.close(fig)
 
 
-def average_across_ranks(params, agg: dict, bad: str | None) -> str | None:
-    """Mean of the gradients and logged values over the processes (one all-reduce); a step is bad if any rank's is.
+def agree(ok: bool, device) -> bool:
+    """True on every rank only if it is true on all of them (one tiny all-reduce)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def average_across_ranks(params, agg: dict, bad: str | None, grads: bool = True) -> str | None:
+    """Mean of the gradients (unless FSDP already reduced them) and of the logged values over the processes,
+    in one all-reduce; a step is bad if any rank's is.
 
     Parameters without a gradient on a rank count as zeros there, so every rank sends the same layout.
     """
@@ -213,13 +242,14 @@ def average_across_ranks(params, agg: dict, bad: str | None) -> str | None:
 
     world = dist.get_world_size()
     keys = sorted(agg)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] +
-                     [torch.tensor([agg[k] for k in keys] + [float(bad is not None)], device=params[0].device)])
+    device = params[0].device if params else torch.device("cpu")
+    grad_list = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params] if grads else []
+    flat = torch.cat([g.reshape(-1).float() for g in grad_list] +
+                     [torch.tensor([agg[k] for k in keys] + [float(bad is not None)], device=device)])
     dist.all_reduce(flat)
     flat /= world
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g in zip(params if grads else [], grad_list):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
@@ -273,6 +303,8 @@ def check_run(cfg: config_mod.Config, resume: str | None):
             raise UserError(f"{name} must be >= 1, got {value}")
     if tc.num_steps < 2:
         raise UserError("train.num_steps must be >= 2 so that a method has two steps to choose from")
+    if tc.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"train.parallel must be 'ddp' or 'fsdp', got {tc.parallel!r}")
     out = Path(cfg.output.dir)
     config_text = config_mod.dump(cfg)
     if resume is None and out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
@@ -310,6 +342,12 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         reward(probe, [train_rows[0]["prompt"]] * 2)
     reward.check_finite = False  # from here on a non-finite reward skips the step (guards below) instead of stopping
     model_params = setup_trainable(backbone, tc)
+    sharded = tc.parallel == "fsdp" and world > 1
+    if sharded:
+        from .distributed import shard_transformer
+
+        shard_transformer(backbone.transformer, tc.fsdp_cpu_offload)
+        model_params = [p for p in backbone.transformer.parameters() if p.requires_grad]
     master = MasterWeights(model_params, tc.fp32_master)
     params = master.params  # what the optimiser, clipping, EMA and checkpoints see
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
@@ -318,6 +356,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     def swap_ema() -> None:
         ema.swap()
         master.to_model()
+
     gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(device).manual_seed(tc.seed + 1),
             "pairs": torch.Generator().manual_seed(tc.seed + 2)}
 
@@ -336,11 +375,14 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         writer = SummaryWriter(str(out / "tensorboard"))
 
     def run_eval(tag: str) -> tuple[dict, torch.Tensor]:
+        """Every rank samples (a sharded model needs all of them); the main one writes the grid."""
         if ema is not None:
             swap_ema()
         res, imgs = evaluate_model(backbone, reward, eval_rows, ec.num_steps, H, W, ec.batch_size, ec.num_images)
         if ema is not None:
             swap_ema()
+        if not main:
+            return {}, imgs
         evaluated = spread(eval_rows, ec.num_images) if ec.num_images else eval_rows
         pick = spread(list(range(len(imgs))), ec.grid_size)
         save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], out / "samples" / f"{tag}.png",
@@ -348,16 +390,18 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         return {k: v for k, v in res.items() if k not in ("rewards", "per_image")}, imgs
 
     def save(step_done: int, rng: dict) -> None:
-        """Every rank joins (parameters are identical on all ranks); the main one writes."""
+        """Every rank joins (sharded tensors are gathered); the main one writes."""
         accelerator.wait_for_everyone()
-        if main:
-            ckpt.save(out / "checkpoints", step_done, params, optimizer, ema, rng, config_text, tc.keep_last_n)
+        ckpt.save(out / "checkpoints", step_done, params, optimizer, ema, rng, config_text, tc.keep_last_n, write=main)
         accelerator.wait_for_everyone()
 
-    summary = {"method": method.name, "steps": tc.steps, "processes": world}
+    summary = {"method": method.name, "steps": tc.steps, "processes": world, "parallel": "fsdp" if sharded else "ddp"}
     evals = []
+    if start == 0:
+        before, _ = run_eval("before")
+    else:
+        before = json.loads((out / "summary_before.json").read_text()) if main else {}
     if main:
-        before, _ = run_eval("before") if start == 0 else (json.loads((out / "summary_before.json").read_text()), None)
         write_json(out / "summary_before.json", before)
         evals = [{"step": start, "reward": before.get("reward", float("nan"))}] if start == 0 else []
     accelerator.wait_for_everyone()
@@ -395,9 +439,12 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
                 traj = rollout(backbone, prompts, tc.num_steps, H, W, noise=noise, keep_velocities=method.needs_velocities)
                 r, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale,
                                                  need_grad=method.reward_on_sample, chunk=tc.decode_batch)
-                if not (torch.isfinite(r).all() and (grad is None or torch.isfinite(grad).all())):
+                finite = bool(torch.isfinite(r).all() and (grad is None or torch.isfinite(grad).all()))
+                if world > 1:  # all ranks decide together, so they run the same model calls
+                    finite = agree(finite, device)
+                if not finite:
                     bad = bad or "reward"
-                    continue  # the other ranks still run this micro-step: collectives stay matched
+                    continue
                 agg["reward"] += r.mean().item() / tc.grad_accum
                 components = getattr(reward, "last_components", {})  # of this call: surrogates may score again
                 if len(components) > 1:  # a weighted sum: each reward logged by name
@@ -410,7 +457,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
                 if not math.isfinite(loss):
                     bad = bad or "loss"
             if world > 1:
-                bad = average_across_ranks(model_params, agg, bad)
+                bad = average_across_ranks(model_params, agg, bad, grads=not sharded)  # FSDP reduce-scattered them
             master.grads_to_master()
             grad_norm = float("nan")
             if bad is None:
@@ -448,36 +495,39 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
             if progress:
                 bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['loss']:.3f}")
             if ec.every and (step + 1) % ec.every == 0 and step + 1 < tc.steps:
+                res, _ = run_eval(f"step_{step + 1}")
                 if main:
-                    res, _ = run_eval(f"step_{step + 1}")
                     evals.append({"step": step + 1, "reward": res.get("reward", float("nan"))})
                     if writer is not None:
                         writer.add_scalar("eval/reward", res.get("reward", float("nan")), step + 1)
-                accelerator.wait_for_everyone()
             if tc.save_every and (step + 1) % tc.save_every == 0:
                 save(step + 1, resume_point[1])
     except KeyboardInterrupt:  # no barrier here: the other ranks may be anywhere
+        metrics_file.close()
+        if sharded:  # gathering shards needs every rank at the same point, which an interrupt does not give
+            say("interrupted: a sharded run cannot save here; resume from the last periodic checkpoint (train.save_every)")
+            raise
         if main:
             ckpt.save(out / "checkpoints", resume_point[0], params, optimizer, ema, resume_point[1], config_text, tc.keep_last_n)
-        metrics_file.close()
         say(f"interrupted: saved checkpoints/step_{resume_point[0]}; continue with `leapalign train --config {out / 'config.yaml'} --resume`")
         raise
     metrics_file.close()
     backbone.transformer.eval()
     save(tc.steps, resume_point[1])
-    if not main:
-        return summary
 
     after, _ = run_eval("after")
-    evals.append({"step": tc.steps, "reward": after.get("reward", float("nan"))})
     if ema is not None:
         swap_ema()
     if tc.finetune == "lora":
-        save_lora(backbone, out / "lora")
+        save_lora(backbone, out / "lora", write=main)
         summary["lora"] = "lora"
     else:
-        backbone.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+        save_transformer(backbone, out / "transformer", write=main)
         summary["transformer"] = "transformer"
+    accelerator.wait_for_everyone()
+    if not main:
+        return summary
+    evals.append({"step": tc.steps, "reward": after.get("reward", float("nan"))})
     summary.update({"before": before, "after": after})
     if guard.skipped:
         summary["skipped_steps"] = guard.skipped

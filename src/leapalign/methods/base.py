@@ -36,6 +36,11 @@ class Method:
     needs_velocities = False  # True: the rollout keeps v_i of every step (traj.velocities)
     reward_on_sample = True  # False: every surrogate is scored itself, so dLoss/dx_N is not needed
 
+    @property
+    def surrogates_per_rollout(self) -> int:
+        """How many surrogates `surrogates` yields per rollout; the trainer averages them."""
+        return 1
+
     def check(self, num_steps: int) -> None:
         """Raise UserError if the method cannot run on a rollout of num_steps steps (before any work)."""
 

@@ -77,6 +77,10 @@ class DraftLV(Method):
 
     reward_on_sample = False
 
+    @property
+    def surrogates_per_rollout(self) -> int:
+        return self.n
+
     def surrogates(self, backbone, traj, generator):
         s = traj.sigmas[traj.num_steps - 1]
         for _ in range(self.n):

@@ -91,6 +91,10 @@ class LeapAlign(Method):
         except ValueError as e:
             raise UserError(str(e)) from None
 
+    @property
+    def surrogates_per_rollout(self) -> int:
+        return self.pairs_per_rollout
+
     def surrogates(self, backbone, traj, generator):
         for k, j in sample_pairs(traj.num_steps, self.pairs_per_rollout, generator, tuple(self.window), self.fixed_gap):
             yield leap_surrogate(backbone, traj, k, j, self.alpha, self.tau, self.weighting)
