@@ -7,7 +7,7 @@ seeds of ShapeScore and ShapeEval after training, seconds per iteration, peak me
 
     python benchmarks/compare_methods.py                     # all methods and ablations, 3 seeds
     python benchmarks/compare_methods.py --variants leapalign,refl --seeds 0,1,2 --steps 60
-    python benchmarks/compare_methods.py --quick             # smoke test: 2 steps, 1 seed, tiny eval
+    python benchmarks/compare_methods.py --quick             # smoke test in one process: 2 steps, 1 seed, tiny eval
 """
 from __future__ import annotations
 
@@ -42,14 +42,22 @@ VARIANTS: dict[str, list[str]] = {
 TAGS = ["single_object", "two_objects", "counting", "colors", "position", "color_attr"]
 
 
-def run_one(variant: str, seed: int, work: Path, extra: list[str]) -> dict:
+def run_one(variant: str, seed: int, work: Path, extra: list[str], in_process: bool = False) -> dict:
+    """One training run; in its own process unless `in_process` (the smoke test: no per-run start-up cost)."""
     out = work / f"{variant}_seed{seed}"
-    cmd = [sys.executable, "-m", "leapalign", "train", "--config", str(PRESET)]
-    for item in [*VARIANTS[variant], f"train.seed={seed}", f"output.dir={out}", "output.tensorboard=false", "output.overwrite=true", *extra]:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    overrides = [*VARIANTS[variant], f"train.seed={seed}", f"output.dir={out}", "output.tensorboard=false", "output.overwrite=true", *extra]
+    if in_process:
+        from leapalign import config
+        from leapalign.train import train
+
+        train(config.load(PRESET, overrides), progress=False)
+    else:
+        cmd = [sys.executable, "-m", "leapalign", "train", "--config", str(PRESET)]
+        for item in overrides:
+            cmd += ["--set", item]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f"{variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     return {"variant": variant, "seed": seed, "summary": summary, "metrics": metrics}
@@ -116,7 +124,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=None, help="training iterations per run (default: the preset's)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="extra override for every run")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 2 iterations, seed 0, 8 eval images of 4 steps")
+    ap.add_argument("--quick", action="store_true", help="smoke test, in this process: 2 iterations, seed 0, 6 eval images (one per tag) of 2 steps")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep every run's output folder here")
     args = ap.parse_args(argv)
@@ -128,7 +136,7 @@ def main(argv=None) -> None:
     extra = list(args.set)
     if args.quick:
         seeds = seeds[:1]
-        extra += ["train.steps=2", "train.batch_size=2", "train.num_steps=4", "eval.num_images=8", "eval.num_steps=4", "eval.grid_size=4"]
+        extra += ["train.steps=2", "train.batch_size=2", "train.num_steps=4", "eval.num_images=6", "eval.num_steps=2", "eval.grid_size=6"]
     elif args.steps is not None:
         extra.append(f"train.steps={args.steps}")
     work = args.keep_runs or Path(tempfile.mkdtemp(prefix="leapalign_compare_"))
@@ -136,7 +144,7 @@ def main(argv=None) -> None:
     try:
         for v in variants:
             for s in seeds:
-                runs.append(run_one(v, s, work, extra))
+                runs.append(run_one(v, s, work, extra, in_process=args.quick))
                 a = runs[-1]["summary"]["after"]
                 print(f"{v:20s} seed {s}: ShapeScore {a['reward']:.3f}  ShapeEval {a['shapeeval']['overall']:.3f}  "
                       f"position {a['shapeeval']['position']:.3f}", flush=True)
