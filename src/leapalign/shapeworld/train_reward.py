@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -60,6 +59,17 @@ def hard_negatives(prompt: str, rng: random.Random) -> list[str]:
     return [n for n in dict.fromkeys(negs) if n != prompt]
 
 
+def own_group_mask(logits: torch.Tensor, batch: int, group_sizes: list[int]) -> torch.Tensor:
+    """0 where row i may compete (the batch's first `batch` columns, then row i's own group), -inf elsewhere."""
+    mask = torch.full_like(logits, float("-inf"))
+    mask[:, :batch] = 0
+    start = batch
+    for i, n in enumerate(group_sizes):
+        mask[i, start : start + n] = 0
+        start += n
+    return mask
+
+
 def make_model(tokenizer):
     from transformers import CLIPConfig, CLIPModel
 
@@ -90,54 +100,228 @@ def ranking_accuracy(reward: ClipReward, n: int, seed: int) -> dict:
     return {"overall": wins / total, **{k: v[0] / v[1] for k, v in per_tag.items()}}
 
 
+def augment(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Imperfections of generated images, so the reward judges those too: a one-pixel shift, slight blur,
+    colour gain/offset jitter and pixel noise, each drawn per image.  `x` (B, 3, H, W) in [0, 1]."""
+    if strength <= 0:
+        return x
+    B = len(x)
+    # shift by -1..1 pixels, the border repeated (renders leave a background margin)
+    pad = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    H, W = x.shape[-2:]
+    dx, dy = torch.randint(0, 3, (B,)), torch.randint(0, 3, (B,))
+    x = torch.stack([pad[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
+    # slight blur on a third of the images
+    k = torch.tensor([0.25, 0.5, 0.25])
+    k2 = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
+    a = (torch.rand(B, 1, 1, 1) < 0.33).float() * torch.rand(B, 1, 1, 1) * strength
+    x = (1 - a) * x + a * blurred
+    gain = 1 + 0.05 * strength * torch.randn(B, 1, 1, 1)
+    offset = 0.04 * strength * torch.randn(B, 3, 1, 1)
+    noise = 0.06 * strength * torch.rand(B, 1, 1, 1) * torch.randn_like(x)
+    return (x * gain + offset + noise).clamp(0, 1)
+
+
+def negative_images(cap: str, objs: list, negs: list[str], count: int, rng: random.Random) -> list[np.ndarray]:
+    """Renders that do NOT satisfy `cap`: scenes of `count` of its hard-negative captions, plus a count error
+    (an extra object, or one of two objects missing) for every tag whose judge counts objects."""
+    out = [world.render_scene(world.sample_scene(world.parse(n), rng)) for n in rng.sample(negs, min(count, len(negs)))]
+    tag = world.parse(cap).tag
+    if tag != "position":  # ShapeEval's position check allows extra objects
+        if len(objs) == 2 and rng.random() < 0.5:
+            out.append(world.render_scene([rng.choice(objs)]))
+        else:
+            more = world.add_object(objs, rng)
+            if more is not None:
+                out.append(world.render_scene(more))
+    return out
+
+
+def generated_pool(path: Path, per_tag: int, seeds_per_prompt: int, seed: int, lora: Path | None = None) -> dict:
+    """Samples of the shipped base (plus `lora`, a policy trained against an earlier ShapeScore, if given) on
+    TRAIN prompts (never eval ones), each labelled pass/fail by ShapeEval.
+
+    ShapeEval plays the human rater of a real reward model's data; samples of a policy that was optimised
+    against the reward are the on-policy round of that data (where the policy found the reward's holes).
+    Half the samples use the demo's 16-step rollouts, half the pipeline's default 28 steps.  Cached at `path`."""
+    if path.is_file():
+        return torch.load(path)
+    from .. import config, evaluation
+    from ..backbones import load_backbone
+    from .shapeeval import check
+
+    backbone = load_backbone(config.load(None, []).model)
+    if lora is not None:
+        backbone.pipe.load_lora_weights(str(lora))
+    rng = random.Random(seed + 7 + (1 if lora is not None else 0))
+    by_tag: dict[str, list[str]] = {}
+    for r in world.prompt_rows("train"):
+        by_tag.setdefault(r["tag"], []).append(r["prompt"])
+    prompts, seeds = [], []
+    for tag in world.TAGS:
+        for _ in range(per_tag // seeds_per_prompt):
+            p = rng.choice(by_tag[tag])
+            prompts += [p] * seeds_per_prompt
+            seeds += [rng.randrange(2**31) for _ in range(seeds_per_prompt)]
+    t0 = time.time()
+    half = len(prompts) // 2
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    idx16, idx28 = sorted(order[:half]), sorted(order[half:])
+    imgs = torch.empty(len(prompts), 3, 32, 32)
+    for idx, steps in ((idx16, 16), (idx28, 28)):
+        imgs[idx] = evaluation.generate(backbone, [prompts[i] for i in idx], [seeds[i] for i in idx], steps, 32, 32)
+    arr = imgs.permute(0, 2, 3, 1).numpy()
+    passed = torch.tensor([check(a, p) for a, p in zip(arr, prompts)])
+    pool = {"images": (imgs * 255).round().to(torch.uint8), "prompts": prompts, "passed": passed,
+            "tags": [world.parse(p).tag for p in prompts]}
+    print(f"generated pool: {len(prompts)} samples in {time.time() - t0:.0f}s, ShapeEval pass rate {passed.float().mean():.3f}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pool, path)
+    return pool
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=3500)
     ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, default=None, help="start from these ShapeScore weights")
+    ap.add_argument("--image-negs", type=int, default=0,
+                    help="renders of hard-negative captions per caption (plus a count error) the caption must rank below its own image")
+    ap.add_argument("--augment", type=float, default=0.0, help="strength of shift/blur/jitter/noise augmentation (0: light legacy jitter)")
+    ap.add_argument("--gen-per-tag", type=int, default=0, help="base samples per tag on train prompts, judged by ShapeEval (0: none)")
+    ap.add_argument("--gen-batch", type=int, default=32)
+    ap.add_argument("--gen-pool", type=Path, default=Path("shapescore_generated.pt"), help="cache of the judged samples")
+    ap.add_argument("--gen-lora", type=Path, default=None, help="also sample this LoRA policy (a demo run against an earlier ShapeScore)")
+    ap.add_argument("--gen-lora-per-tag", type=int, default=800)
+    ap.add_argument("--gen-lora-pool", type=Path, default=Path("shapescore_generated_lora.pt"))
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tok, _ = components.make_tokenizers()
-    model = make_model(tok).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=args.steps, pct_start=0.05)
+    if args.init:
+        from transformers import CLIPModel
+
+        model = CLIPModel.from_pretrained(args.init).train()
+    else:
+        model = make_model(tok).train()
+    pool = generated_pool(args.gen_pool, args.gen_per_tag, 8, args.seed) if args.gen_per_tag > 0 else None
+    if pool is not None and args.gen_lora is not None:
+        extra = generated_pool(args.gen_lora_pool, args.gen_lora_per_tag, 8, args.seed, lora=args.gen_lora)
+        pool = {"images": torch.cat([pool["images"], extra["images"]]), "passed": torch.cat([pool["passed"], extra["passed"]]),
+                "prompts": pool["prompts"] + extra["prompts"], "tags": pool["tags"] + extra["tags"]}
+    if pool is not None:
+        gen_pass: dict[str, list[int]] = {}
+        gen_fail: dict[str, list[int]] = {}
+        gen_by_tag: dict[str, list[int]] = {}  # samples whose prompt has at least one failing sample
+        for i, (p, ok) in enumerate(zip(pool["prompts"], pool["passed"].tolist())):
+            (gen_pass if ok else gen_fail).setdefault(p, []).append(i)
+        for i, (p, t) in enumerate(zip(pool["prompts"], pool["tags"])):
+            if p in gen_fail:
+                gen_by_tag.setdefault(t, []).append(i)
+        gen_tags = [t for t in world.TAGS if gen_by_tag.get(t)]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    pre = lambda x: preprocess(x, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # noqa: E731
     t0 = time.time()
     for step in range(args.steps):
-        caps, imgs, negs = [], [], []
+        caps, imgs, negs, neg_imgs = [], [], [], []
         for _ in range(args.batch):
             cap, objs = world.random_scene(rng, TAG_WEIGHTS)
             caps.append(cap)
             imgs.append(world.render_scene(objs))
             negs.append(hard_negatives(cap, rng))
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
-        # small colour jitter and noise so the reward also judges imperfect generations
-        x = (x + 0.03 * torch.randn_like(x) + 0.05 * torch.randn(len(x), 3, 1, 1)).clamp(0, 1)
-        texts = caps + [n for ns in negs for n in ns]
+            neg_imgs.append(negative_images(cap, objs, negs[-1], args.image_negs, rng) if args.image_negs > 0 else [])
+        B = len(caps)
+        # generated samples: a prompt, up to two failing samples of it, and a positive (a passing sample or a render)
+        gen_caps, gen_pos, gen_fails, pass_items = [], [], [], []
+        if pool is not None:
+            for _ in range(args.gen_batch):
+                i = rng.choice(gen_by_tag[rng.choice(gen_tags)])
+                p = pool["prompts"][i]
+                fails = gen_fail.get(p, [])
+                passes = gen_pass.get(p, [])
+                if not fails:
+                    continue
+                gen_caps.append(p)
+                gen_fails.append(rng.sample(fails, min(2, len(fails))))
+                if passes and rng.random() < 0.5:
+                    j = rng.choice(passes)
+                    gen_pos.append(pool["images"][j].float() / 255)
+                    pass_items.append(len(gen_caps) - 1)
+                else:
+                    gen_pos.append(torch.from_numpy(world.render(p, rng.randrange(2**31))).permute(2, 0, 1))
+        flat_negs = [im for ims in neg_imgs for im in ims]
+        x = torch.from_numpy(np.stack(imgs + flat_negs)).permute(0, 3, 1, 2)
+        if args.augment > 0:
+            x = augment(x, args.augment)
+        else:  # small colour jitter and noise so the reward also judges imperfect generations
+            x = (x + 0.03 * torch.randn_like(x) + 0.05 * torch.randn(len(x), 3, 1, 1)).clamp(0, 1)
+        if gen_caps:
+            fail_idx = [j for fs in gen_fails for j in fs]
+            g = torch.cat([torch.stack(gen_pos), pool["images"][fail_idx].float() / 255])
+            g = augment(g, 0.5 * args.augment) if args.augment > 0 else g
+            x = torch.cat([x, g])
+        gen_negs = [hard_negatives(gen_caps[k], rng) for k in pass_items]
+        texts = caps + [n for ns in negs for n in ns] + gen_caps + [n for ns in gen_negs for n in ns]
         ids = tok(texts, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
         t = F.normalize(model.get_text_features(**ids).pooler_output, dim=-1)
-        v = F.normalize(model.get_image_features(pixel_values=preprocess(x, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)).pooler_output, dim=-1)
+        v = F.normalize(model.get_image_features(pixel_values=pre(x)).pooler_output, dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
-        logits = scale * v @ t.T  # (B, B + all negatives)
+        nb_neg_caps = sum(len(ns) for ns in negs)
+        logits = scale * v[:B] @ t[: B + nb_neg_caps].T  # (B, B + all negatives)
         # each image competes against the batch captions and its own hard negatives only
-        B = len(caps)
-        mask = torch.full_like(logits, float("-inf"))
-        mask[:, :B] = 0
-        start = B
-        for i, ns in enumerate(negs):
-            mask[i, start : start + len(ns)] = 0
-            start += len(ns)
-        loss_i = F.cross_entropy(logits + mask, torch.arange(B))
-        loss_t = F.cross_entropy(logits[:, :B].T, torch.arange(B))
-        loss = loss_i + 0.5 * loss_t
+        loss_i = F.cross_entropy(logits + own_group_mask(logits, B, [len(ns) for ns in negs]), torch.arange(B))
+        parts = {"i2t": loss_i.item()}
+        if args.image_negs > 0:
+            # each caption picks its own image among the batch images and the renders of its own negatives
+            lt = scale * t[:B] @ v[: B + len(flat_negs)].T
+            loss_t = F.cross_entropy(lt + own_group_mask(lt, B, [len(ims) for ims in neg_imgs]), torch.arange(B))
+            loss = loss_i + loss_t
+        else:
+            loss_t = F.cross_entropy(logits[:, :B].T, torch.arange(B))
+            loss = loss_i + 0.5 * loss_t
+        parts["t2i"] = loss_t.item()
+        if gen_caps:
+            G = len(gen_caps)
+            off_t = B + nb_neg_caps
+            off_v = B + len(flat_negs)
+            tg = t[off_t : off_t + G]
+            vpos = v[off_v : off_v + G]
+            vfail = v[off_v + G :]
+            # the prompt ranks its positive above its failing generated samples (ShapeEval's verdicts)
+            gl, k = [], 0
+            for i in range(G):
+                nf = len(gen_fails[i])
+                row = scale * torch.cat([(tg[i] * vpos[i]).sum()[None], vfail[k : k + nf] @ tg[i]])
+                gl.append(F.cross_entropy(row[None], torch.zeros(1, dtype=torch.long)))
+                k += nf
+            loss_g = torch.stack(gl).mean()
+            loss = loss + loss_g
+            parts["gen"] = loss_g.item()
+            if pass_items:
+                # a passing generated sample ranks its prompt above the prompt's hard-negative captions
+                tn = t[off_t + G :]
+                pl, k = [], 0
+                for i, ns in zip(pass_items, gen_negs):
+                    row = scale * torch.cat([(tg[i] * vpos[i]).sum()[None], tn[k : k + len(ns)] @ vpos[i]])
+                    pl.append(F.cross_entropy(row[None], torch.zeros(1, dtype=torch.long)))
+                    k += len(ns)
+                loss_p = torch.stack(pl).mean()
+                loss = loss + 0.5 * loss_p
+                parts["pass"] = loss_p.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"reward step {step} loss {loss.item():.4f} scale {scale.item():.1f} {time.time() - t0:.0f}s", flush=True)
+            detail = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            print(f"reward step {step} loss {loss.item():.4f} ({detail}) scale {scale.item():.1f} {time.time() - t0:.0f}s", flush=True)
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
@@ -148,7 +332,7 @@ def main(argv=None) -> None:
          "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3}, indent=2))
     acc = ranking_accuracy(ClipReward.from_pretrained(args.out), 2000, seed=12345)
     print("ranking accuracy vs hard negatives:", json.dumps(acc), flush=True)
-    (args.out.parent / "shapescore_accuracy.json").write_text(json.dumps(acc, indent=2))
+    (args.out.parent / f"{args.out.name}_accuracy.json").write_text(json.dumps(acc, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ evaluator (prompt -> what must be true of the image) and the prompt sets.
 from __future__ import annotations
 
 import json
-import math
 import random
 import zlib
 from dataclasses import dataclass
@@ -334,3 +333,14 @@ def mismatch(prompt: str, rng: random.Random) -> str:
     if spec.tag == "colors":
         return caption(PromptSpec("colors", (ObjectSpec(o[0].shape, other(list(COLORS), o[0].color), o[0].size),)))
     return caption(PromptSpec("single_object", (ObjectSpec(other(SHAPES, o[0].shape), None, o[0].size),)))
+
+
+def add_object(objs: list[Shape], rng: random.Random) -> list[Shape] | None:
+    """`objs` plus one random extra object placed without overlap (None if it does not fit): a count negative."""
+    for _ in range(200):
+        half = rng.choice(list(SIZES.values()))
+        lo, hi = half + 1.0, IMAGE_SIZE - half - 1.0
+        cand = Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.uniform(lo, hi), rng.uniform(lo, hi), half)
+        if _fits(objs, cand):
+            return [*objs, cand]
+    return None
