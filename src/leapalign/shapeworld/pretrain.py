@@ -83,12 +83,23 @@ def assemble_pipeline(out: Path, transformer=None, text_encoders=None):
     )
 
 
-def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e-3, ema_decay: float = 0.999) -> None:
-    """Flow matching on VAE latents; the two text encoders train jointly with the transformer."""
+def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e-3, ema_decay: float = 0.999,
+               init: Path | None = None) -> None:
+    """Flow matching on VAE latents; the two text encoders train jointly with the transformer.
+
+    `init`: continue from a ShapeWorld pipeline folder (its transformer and text encoders).
+    """
     from ..backbones.flux import FluxBackbone
 
     torch.manual_seed(seed)
-    pipe = assemble_pipeline(out)
+    if init is not None:
+        from diffusers import FluxPipeline
+
+        start = FluxPipeline.from_pretrained(init)
+        pipe = assemble_pipeline(out, start.transformer, (start.text_encoder, start.text_encoder_2))
+        log(f"flux: continuing from {init}")
+    else:
+        pipe = assemble_pipeline(out)
     backbone = FluxBackbone(pipe)
     pipe.vae.requires_grad_(False).eval()
     caps, imgs = make_dataset(60000, seed + 1)
@@ -149,6 +160,8 @@ def main(argv=None) -> None:
     ap.add_argument("--flux-steps", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flux-lr", type=float, default=1e-3)
+    ap.add_argument("--init", type=Path, default=None, help="continue the flux stage from this pipeline folder")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logf = open(args.out.parent / f"pretrain_{args.stage}.log", "a")
@@ -161,7 +174,7 @@ def main(argv=None) -> None:
     if args.stage in ("vae", "all"):
         train_vae(args.out, args.vae_steps, args.batch, args.seed, log)
     if args.stage in ("flux", "all"):
-        train_flux(args.out, args.flux_steps, args.batch, args.seed, log)
+        train_flux(args.out, args.flux_steps, args.batch, args.seed, log, lr=args.flux_lr, init=args.init)
 
 
 if __name__ == "__main__":
