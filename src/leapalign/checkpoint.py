@@ -20,8 +20,11 @@ import torch
 
 from .errors import UserError
 
-# Keys whose change does not alter the trajectory of a resumed run (only its length, logging or evaluation).
-HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_bad_steps", "eval.", "output.")
+# Keys whose change does not alter the trajectory of a resumed run: its length, logging, evaluation,
+# or memory switches that are tested to leave gradients unchanged (checkpoints hold whole tensors, so
+# a run may also resume with another number of processes or parallel mode).
+HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_bad_steps", "train.gradient_checkpointing",
+            "train.decode_batch", "train.parallel", "train.fsdp_cpu_offload", "eval.", "output.")
 
 
 def capture_rng(generators: dict[str, torch.Generator]) -> dict:
