@@ -38,19 +38,39 @@ class Backbone:
 
     transformer: torch.nn.Module
     default_max_sequence_length = 512
+    family = "diffusers"  # the model family, as error messages name it
 
-    def cached_encodings(self, prompts: list[str], encode) -> list[torch.Tensor]:
-        """Per-prompt text encodings stacked over `prompts`; each distinct prompt is encoded once.
+    def __init__(self, pipe, guidance_scale: float, max_sequence_length: int | None = None):
+        """The parts every adapter keeps; the text encoders and the VAE stay frozen in `pipe`."""
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.vae_scale_factor = pipe.vae_scale_factor
+        self._prompt_cache: dict[str, tuple] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def cached_encodings(self, prompts: list[str], encode, stack: bool = True) -> list:
+        """Per-prompt text encodings over `prompts`, stacked (or, with stack=False, as lists); each
+        distinct prompt is encoded once.
 
         `encode(new_prompts)` returns one tuple of tensors per prompt (text encoders are frozen,
         so the cache never goes stale).
         """
-        cache = self.__dict__.setdefault("_prompt_cache", {})
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
-                cache.update(zip(missing, encode(missing)))
-        return [torch.stack(parts) for parts in zip(*(cache[p] for p in prompts))]
+                self._prompt_cache.update(zip(missing, encode(missing)))
+        parts = zip(*(self._prompt_cache[p] for p in prompts))
+        return [torch.stack(part) if stack else list(part) for part in parts]
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
@@ -59,8 +79,16 @@ class Backbone:
         """The conditioning for images of this size (FLUX adds the image-token positions)."""
         return cond
 
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE's downsampling times the transformer's 2x2 patches."""
+        return self.vae_scale_factor * 2
+
     def check_resolution(self, height: int, width: int) -> None:
-        raise NotImplementedError
+        f = self.resolution_multiple
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"resolution {height}x{width} is not a multiple of {f}, which this {self.family} model needs; "
+                             f"use e.g. {max(f, height // f * f)}x{max(f, width // f * f)}")
 
     def initial_noise(self, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
         raise NotImplementedError

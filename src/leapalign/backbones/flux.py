@@ -55,22 +55,11 @@ def merge_identical_padding(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class FluxBackbone(Backbone):
     """FLUX.1 (dev: guidance embedding; schnell: none) through a diffusers FluxPipeline."""
 
+    family = "FLUX"
+
     def __init__(self, pipe, guidance_scale: float = 3.5, max_sequence_length: int | None = None, merge_padding: bool = True):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.guidance_scale = guidance_scale
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        super().__init__(pipe, guidance_scale, max_sequence_length)
         self.merge_padding = merge_padding
-        self.vae_scale_factor = pipe.vae_scale_factor
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -101,11 +90,6 @@ class FluxBackbone(Backbone):
     def at_resolution(self, cond: Conditioning, height: int, width: int) -> Conditioning:
         h, w = self.latent_hw(height, width)
         return Conditioning(cond.batch, {**cond.shared, "img_ids": latent_image_ids(h, w).to(self.device)})
-
-    def check_resolution(self, height: int, width: int) -> None:
-        f = self.vae_scale_factor * 2
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"resolution {height}x{width} is not a multiple of {f}, which this FLUX model needs; use e.g. {max(f, height // f * f)}x{max(f, width // f * f)}")
 
     def initial_noise(self, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
         """The pipeline's starting noise for the same generator: drawn unpacked, then packed."""

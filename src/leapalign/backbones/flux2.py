@@ -51,29 +51,18 @@ def text_ids(n: int) -> torch.Tensor:
 class Flux2KleinBackbone(Backbone):
     """FLUX.2 [klein] (real CFG against "", unless step-distilled) and FLUX.2 [dev] (guidance embedding)."""
 
+    family = "FLUX.2"
+
     def __init__(self, pipe, guidance_scale: float = 4.0, max_sequence_length: int | None = None,
                  negative_prompt: str = "", text_encoder_out_layers: tuple[int, ...] | None = None):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.guidance_scale = guidance_scale
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        super().__init__(pipe, guidance_scale, max_sequence_length)
         self.negative_prompt = negative_prompt  # the klein pipeline always uses ""
         if text_encoder_out_layers is None:  # the pipeline's default: which hidden layers are stacked
             text_encoder_out_layers = inspect.signature(pipe.encode_prompt).parameters["text_encoder_out_layers"].default
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
-        self.vae_scale_factor = pipe.vae_scale_factor
         # Flux2KleinPipeline registers is_distilled; Flux2Pipeline (dev) has no CFG but a guidance embedding
         self.is_klein = "is_distilled" in pipe.config
         self.embedded_guidance = not self.is_klein
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     @property
     def do_cfg(self) -> bool:
@@ -99,11 +88,6 @@ class Flux2KleinBackbone(Backbone):
 
     def at_resolution(self, cond: Conditioning, height: int, width: int) -> Conditioning:
         return Conditioning(cond.batch, {**cond.shared, "img_ids": token_ids(*self.token_hw(height, width)).to(self.device)})
-
-    def check_resolution(self, height: int, width: int) -> None:
-        f = self.vae_scale_factor * 2
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"resolution {height}x{width} is not a multiple of {f}, which this FLUX.2 model needs; use e.g. {max(f, height // f * f)}x{max(f, width // f * f)}")
 
     def initial_noise(self, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
         """The pipeline's starting noise: drawn as (B, 4C, h/2, w/2), then flattened to tokens."""

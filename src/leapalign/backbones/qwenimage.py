@@ -28,32 +28,20 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 class QwenImageBackbone(Backbone):
     """Qwen-Image through QwenImagePipeline; `guidance_scale` is the pipeline's `true_cfg_scale`."""
 
+    family = "Qwen-Image"
+
     def __init__(self, pipe, guidance_scale: float = 4.0, max_sequence_length: int | None = None,
                  negative_prompt: str | None = "", true_cfg_scale: float | None = None):
         if pipe.transformer.config.guidance_embeds:
             raise ValueError("guidance-distilled Qwen-Image transformers (guidance_embeds=True) are not supported")
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.guidance_scale = true_cfg_scale if true_cfg_scale is not None else guidance_scale
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        super().__init__(pipe, true_cfg_scale if true_cfg_scale is not None else guidance_scale, max_sequence_length)
         if self.max_sequence_length > 1024:
             raise ValueError(f"max_sequence_length cannot be greater than 1024 for Qwen-Image, got {self.max_sequence_length}")
         self.negative_prompt = negative_prompt  # None: no CFG, as in the pipeline
-        self.vae_scale_factor = pipe.vae_scale_factor
-        self._cache: dict[str, torch.Tensor] = {}
 
     @property
     def true_cfg_scale(self) -> float:
         return self.guidance_scale
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     @property
     def do_cfg(self) -> bool:
@@ -62,14 +50,12 @@ class QwenImageBackbone(Backbone):
     # ------------------------------------------------------------------ prompts
     def _rows(self, prompts: list[str]) -> list[torch.Tensor]:
         """Each prompt's valid-token encodings (L_i, D), encoded once (right padding: batch-independent)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            with torch.no_grad():
-                embeds, mask = self.pipe.encode_prompt(prompt=missing, device=self.device,
-                                                       max_sequence_length=self.max_sequence_length)
-            lengths = mask.sum(1).tolist() if mask is not None else [embeds.shape[1]] * len(missing)
-            self._cache.update({p: e[:n] for p, e, n in zip(missing, embeds, lengths)})
-        return [self._cache[p] for p in prompts]
+        def encode(new):
+            embeds, mask = self.pipe.encode_prompt(prompt=new, device=self.device, max_sequence_length=self.max_sequence_length)
+            lengths = mask.sum(1).tolist() if mask is not None else [embeds.shape[1]] * len(new)
+            return [(e[:n],) for e, n in zip(embeds, lengths)]
+
+        return self.cached_encodings(prompts, encode, stack=False)[0]
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, mask = pad_rows(self._rows(prompts))
@@ -86,11 +72,6 @@ class QwenImageBackbone(Backbone):
     def at_resolution(self, cond: Conditioning, height: int, width: int) -> Conditioning:
         h, w = self.latent_hw(height, width)
         return Conditioning(cond.batch, {**cond.shared, "img_shape": torch.tensor([1, h // 2, w // 2])})
-
-    def check_resolution(self, height: int, width: int) -> None:
-        f = self.vae_scale_factor * 2
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"resolution {height}x{width} is not a multiple of {f}, which this Qwen-Image model needs; use e.g. {max(f, height // f * f)}x{max(f, width // f * f)}")
 
     def initial_noise(self, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
         """The pipeline's noise: drawn as one video frame (B, 1, C, h, w), then packed like FLUX.1's."""

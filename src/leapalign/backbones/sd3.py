@@ -19,23 +19,11 @@ class SD3Backbone(Backbone):
     """Stable Diffusion 3 / 3.5 (three text encoders, real CFG) through StableDiffusion3Pipeline."""
 
     default_max_sequence_length = 256  # the pipeline's default
+    family = "SD3"
 
     def __init__(self, pipe, guidance_scale: float = 7.0, max_sequence_length: int | None = None, negative_prompt: str = ""):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.guidance_scale = guidance_scale
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        super().__init__(pipe, guidance_scale, max_sequence_length)
         self.negative_prompt = negative_prompt
-        self.vae_scale_factor = pipe.vae_scale_factor
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     @property
     def do_cfg(self) -> bool:
@@ -58,13 +46,8 @@ class SD3Backbone(Backbone):
 
     # ------------------------------------------------------------------ geometry and schedule
     @property
-    def multiple(self) -> int:
+    def resolution_multiple(self) -> int:
         return self.vae_scale_factor * self.transformer.config.patch_size
-
-    def check_resolution(self, height: int, width: int) -> None:
-        f = self.multiple
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"resolution {height}x{width} is not a multiple of {f}, which this SD3 model needs; use e.g. {max(f, height // f * f)}x{max(f, width // f * f)}")
 
     def initial_noise(self, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
