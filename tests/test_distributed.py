@@ -28,15 +28,17 @@ def _cfg(tmp_path, model_dir, name, batch, *extra):
                               "eval.grid_size=2", "method.pairs_per_rollout=2", "output.tensorboard=false", *extra])
 
 
-@pytest.mark.parametrize("parallel,finetune", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
-def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, parallel, finetune):
-    """DDP (gradients all-reduced) and FSDP2 (blocks sharded, gradients reduce-scattered) alike; what either
-    saves (checkpoint, LoRA, transformer folder) is whole, so it loads like a 1-process run's."""
+@pytest.mark.parametrize("parallel,finetune,reshard", [("ddp", "lora", True), ("fsdp", "lora", True), ("fsdp", "full", True),
+                                                       ("fsdp", "full", False)])
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, parallel, finetune, reshard):
+    """DDP (gradients all-reduced) and FSDP2 (blocks sharded, gradients reduce-scattered; reshard=False is
+    ZeRO-2) alike; what either saves (checkpoint, LoRA, transformer folder) is whole, so it loads like a
+    1-process run's."""
     model_dir = tmp_path / "pipe"
     conftest._build(merged=False).save_pretrained(model_dir)
     extra = (f"train.finetune={finetune}", f"train.lr={1e-2 if finetune == 'lora' else 1e-3}", "train.ema=0.9")
     train(_cfg(tmp_path, model_dir, "one", 4, *extra), progress=False)
-    two = _cfg(tmp_path, model_dir, "two", 2, f"train.parallel={parallel}", *extra)
+    two = _cfg(tmp_path, model_dir, "two", 2, f"train.parallel={parallel}", f"train.fsdp_reshard={reshard}", *extra)
     (tmp_path / "two.yaml").write_text(config.dump(two))
     proc = subprocess.run([sys.executable, "-m", "leapalign", "train", "--config", str(tmp_path / "two.yaml"), "--num-processes", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -69,4 +71,20 @@ def test_bad_input_with_several_processes_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"leapalign: error: model folder {tmp_path / 'no-model'} does not exist; "
                                                 "set model.path to a diffusers folder or hub id"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("env,words", [({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "DeepSpeed ZeRO-2"),
+                                       ({"ACCELERATE_USE_FSDP": "true"}, "selects FSDP")])
+def test_an_accelerate_engine_config_is_refused_with_the_equivalent_setting(tmp_path, monkeypatch, env, words):
+    """accelerate's DeepSpeed/FSDP engines act only through prepare(), which the trainer does not call: silently
+    training unsharded would be worse than saying so."""
+    from leapalign.errors import UserError
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = config.load(None, [f"output.dir={tmp_path / 'out'}"])
+    with pytest.raises(UserError, match=words) as e:
+        train(cfg, progress=False)
+    assert "train.parallel=fsdp" in str(e.value)
     assert not (tmp_path / "out").exists()

@@ -62,9 +62,10 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite reward/loss/gradient steps in a row before the run stops
     decode_batch: int = 0  # decode and score the rollout's samples this many at a time; 0 = all at once
     fp32_master: bool = True  # with model.dtype bf16/fp16: the optimiser updates fp32 copies of the trainable weights
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% more time
     parallel: str = "ddp"  # with several processes: ddp (every rank holds the model) | fsdp (blocks sharded, FSDP2)
-    fsdp_cpu_offload: bool = False  # fsdp: keep parameter shards in CPU memory between uses  # recompute transformer blocks in backward: less memory, ~30% more time
+    fsdp_cpu_offload: bool = False  # fsdp: keep parameter shards in CPU memory between uses
+    fsdp_reshard: bool = True  # fsdp: free gathered weights after each forward (ZeRO-3); false keeps them to backward (ZeRO-2)
 
 
 @dataclass

@@ -292,6 +292,25 @@ class Guard:
                      f"last 10); the run may be diverging: consider a lower train.lr")
 
 
+def check_launcher() -> None:
+    """Refuse accelerate configs whose engine would wrap the model: leapalign shards it itself (train.parallel).
+
+    A DeepSpeed or FSDP accelerate config only takes effect through accelerator.prepare, which the
+    trainer does not call (several surrogate backwards share one reward gradient per step), so it would
+    silently train unsharded; the same memory savings come from train.parallel=fsdp.
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+        raise UserError(f"the accelerate config selects DeepSpeed{' ZeRO-' + stage if stage else ''}, which leapalign does not drive; "
+                        "launch with distributed_type: MULTI_GPU (configs/accelerate/) and set train.parallel=fsdp instead "
+                        "(ZeRO-3 = the default, ZeRO-2 = train.fsdp_reshard=false, offload = train.fsdp_cpu_offload=true)")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise UserError("the accelerate config selects FSDP, but leapalign shards the transformer itself: launch with "
+                        "distributed_type: MULTI_GPU (configs/accelerate/) and set train.parallel=fsdp "
+                        "(train.fsdp_reshard, train.fsdp_cpu_offload for the other FSDP options)")
+
+
 def check_run(cfg: config_mod.Config, resume: str | None):
     """The checks that need no model: numbers in range, the output directory, the checkpoint to resume.
 
@@ -305,6 +324,7 @@ def check_run(cfg: config_mod.Config, resume: str | None):
         raise UserError("train.num_steps must be >= 2 so that a method has two steps to choose from")
     if tc.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be 'ddp' or 'fsdp', got {tc.parallel!r}")
+    check_launcher()
     out = Path(cfg.output.dir)
     config_text = config_mod.dump(cfg)
     if resume is None and out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
@@ -346,7 +366,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     if sharded:
         from .distributed import shard_transformer
 
-        shard_transformer(backbone.transformer, tc.fsdp_cpu_offload)
+        shard_transformer(backbone.transformer, tc.fsdp_cpu_offload, tc.fsdp_reshard)
         model_params = [p for p in backbone.transformer.parameters() if p.requires_grad]
     master = MasterWeights(model_params, tc.fp32_master)
     params = master.params  # what the optimiser, clipping, EMA and checkpoints see
@@ -379,6 +399,10 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         if ema is not None:
             swap_ema()
         res, imgs = evaluate_model(backbone, reward, eval_rows, ec.num_steps, H, W, ec.batch_size, ec.num_images)
+        if sharded:
+            from .distributed import reshard
+
+            reshard(backbone.transformer)
         if ema is not None:
             swap_ema()
         if not main:
