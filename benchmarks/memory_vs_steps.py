@@ -117,7 +117,7 @@ def main() -> None:
             rows.append(json.loads(out))
             print(f"{method:14s} {n:3d} steps: peak +{rows[-1]['peak_mb']:8.1f} MB  {rows[-1]['seconds']:6.2f} s", flush=True)
     steps = sorted({r["steps"] for r in rows})
-    lines = [f"# Peak memory of one training step vs rollout length\n",
+    lines = ["# Peak memory of one training step vs rollout length\n",
              f"Model `{args.model}` ({rows[0]['params_m']:.1f}M transformer parameters), batch {args.batch}, {args.height}x{args.width}, {args.dtype}, device {rows[0]['device']}.",
              f"Command: `python benchmarks/memory_vs_steps.py --model {args.model} --batch {args.batch} --height {args.height} --width {args.width} --dtype {args.dtype}`\n",
              "| method | " + " | ".join(f"{n} steps: peak MB / s" for n in steps) + f" | peak ratio {steps[-1]}/{steps[0]} |",

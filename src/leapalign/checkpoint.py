@@ -47,7 +47,8 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     for k, g in generators.items():
-        g.set_state(state["generators"][k])
+        if k in state["generators"]:  # a generator added since the checkpoint was written keeps its seed
+            g.set_state(state["generators"][k])
 
 
 def _python_state(s):
@@ -126,7 +127,13 @@ def check_config(path: Path, config_text: str) -> None:
     saved_file = path / "config.yaml"
     if not saved_file.is_file():
         return
-    saved, now = _flatten(yaml.safe_load(saved_file.read_text())), _flatten(yaml.safe_load(config_text))
+    from .config import dump, load
+
+    try:  # keys added to leapalign since the checkpoint was written take their defaults
+        saved_text = dump(load(saved_file))
+    except UserError:  # a key since removed: compare the text as written
+        saved_text = saved_file.read_text()
+    saved, now = _flatten(yaml.safe_load(saved_text)), _flatten(yaml.safe_load(config_text))
     diffs = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     harmful = [k for k in diffs if not k.startswith(HARMLESS)]
     if harmful:

@@ -87,6 +87,27 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
     return loss, infos
 
 
+def anchor_backward(backbone, traj, generator: torch.Generator, beta: float, factor: float) -> float:
+    """Accumulate the gradient of factor * beta * mean ||v_theta(x_t) - v_base(x_t)||^2 at one random rollout state.
+
+    The base is the same transformer with its LoRA switched off, so the brake costs one forward and
+    no memory for a frozen copy.  It is the flow-matching analogue of a KL penalty to the base
+    policy: the reward can move the field only as far as its gain pays for.  Returns the value.
+    """
+    t = int(torch.randint(traj.num_steps, (1,), generator=generator))
+    x, sigma = traj.states[t], traj.sigmas[t]
+    tr = backbone.transformer
+    with torch.no_grad():
+        tr.disable_adapters()
+        try:
+            v_base = backbone.velocity(x, sigma, traj.cond)
+        finally:
+            tr.enable_adapters()
+    value = (backbone.velocity(x, sigma, traj.cond).float() - v_base.float()).pow(2).mean() * beta
+    (value * factor).backward()
+    return value.item()
+
+
 def draw_prompts(rows: list[dict], count: int, generator: torch.Generator, balance_tags: bool) -> list[int]:
     """Row indices: uniform over rows, or (balance_tags, rows with a "tag") a uniform tag, then a uniform row of it.
 
@@ -325,6 +346,9 @@ def check_run(cfg: config_mod.Config, resume: str | None):
     if tc.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be 'ddp' or 'fsdp', got {tc.parallel!r}")
     check_launcher()
+    if tc.anchor < 0 or (tc.anchor > 0 and tc.finetune != "lora"):
+        raise UserError(f"train.anchor must be >= 0 and needs train.finetune=lora (the base is the model with its LoRA off), "
+                        f"got anchor {tc.anchor} with finetune {tc.finetune!r}")
     out = Path(cfg.output.dir)
     config_text = config_mod.dump(cfg)
     if resume is None and out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
@@ -378,7 +402,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         master.to_model()
 
     gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(device).manual_seed(tc.seed + 1),
-            "pairs": torch.Generator().manual_seed(tc.seed + 2)}
+            "pairs": torch.Generator().manual_seed(tc.seed + 2), "anchor": torch.Generator().manual_seed(tc.seed + 3)}
 
     accelerator.wait_for_everyone()  # every rank has checked the output directory before the main one writes to it
     if main:
@@ -478,6 +502,11 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
                                                        cfg.reward.scale, 1.0 / tc.grad_accum)
                 agg["loss"] += loss
                 infos += step_infos
+                if tc.anchor > 0:
+                    value = anchor_backward(backbone, traj, gens["anchor"], tc.anchor, 1.0 / tc.grad_accum)
+                    agg["anchor"] = agg.get("anchor", 0.0) + value / tc.grad_accum
+                    if not math.isfinite(value):
+                        bad = bad or "loss"
                 if not math.isfinite(loss):
                     bad = bad or "loss"
             if world > 1:
