@@ -58,21 +58,27 @@ def _cfg(tmp_path, model_dir, name, *extra):
                               "eval.grid_size=4", "output.tensorboard=false", "train.save_every=0", *extra])
 
 
-def test_the_anchor_keeps_the_trained_field_near_the_base(tmp_path):
-    """Same seed, same batches: a strong anchor ends with a smaller velocity drift from the base than none."""
-    from diffusers import FluxPipeline
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_the_anchor_keeps_the_trained_field_near_the_base(tmp_path, finetune):
+    """Same seed, same batches: a strong anchor ends with a smaller velocity drift from the base than none
+    (LoRA: the base is the LoRA switched off; full fine-tuning: a frozen copy)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     model_dir = tmp_path / "pipe"
     conftest._build(merged=False).save_pretrained(model_dir)
+    lr = "train.lr=3e-2" if finetune == "lora" else "train.lr=3e-3"
     drift = {}
     for beta in (0.0, 100.0):
         name = f"beta{beta:g}"
-        train(_cfg(tmp_path, model_dir, name, f"train.anchor={beta}"), progress=False)
+        train(_cfg(tmp_path, model_dir, name, f"train.anchor={beta}", f"train.finetune={finetune}", lr), progress=False)
         pipe = FluxPipeline.from_pretrained(model_dir)
         bb = FluxBackbone(pipe)
         traj = rollout(bb, PROMPTS, 4, 16, 16, generator=torch.Generator().manual_seed(3))
         base = torch.stack([bb.velocity(traj.states[i], traj.sigmas[i], traj.cond) for i in range(4)])
-        pipe.load_lora_weights(tmp_path / name / "lora")
+        if finetune == "lora":
+            pipe.load_lora_weights(tmp_path / name / "lora")
+        else:
+            bb.transformer = FluxTransformer2DModel.from_pretrained(tmp_path / name / "transformer")
         with torch.no_grad():
             tuned = torch.stack([bb.velocity(traj.states[i], traj.sigmas[i], traj.cond) for i in range(4)])
         drift[beta] = (tuned - base).pow(2).mean().item()
@@ -82,9 +88,10 @@ def test_the_anchor_keeps_the_trained_field_near_the_base(tmp_path):
     assert drift[100.0] < 0.5 * drift[0.0], drift
 
 
-@pytest.mark.parametrize("extra", [("train.anchor=1", "train.finetune=full"), ("train.anchor=-1",)])
-def test_bad_anchor_settings_are_one_clear_error(tmp_path, extra):
+@pytest.mark.parametrize("extra,words", [(("train.anchor=-1",), "train.anchor must be >= 0"),
+                                         (("train.anchor=1", "train.finetune=full", "train.parallel=fsdp"), "frozen copy")])
+def test_bad_anchor_settings_are_one_clear_error(tmp_path, extra, words):
     cfg = config.load(None, [f"output.dir={tmp_path / 'out'}", *extra])
-    with pytest.raises(UserError, match="train.anchor must be >= 0 and needs train.finetune=lora"):
+    with pytest.raises(UserError, match=words):
         train(cfg, progress=False)
     assert not (tmp_path / "out").exists()

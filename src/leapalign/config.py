@@ -45,7 +45,7 @@ class TrainConfig:
     batch_size: int = 16
     num_steps: int = 16  # rollout length
     prompts: str = "shapeworld:train"  # "shapeworld:train|eval" or a text file, one prompt a line
-    anchor: float = 0.0  # beta of the velocity anchor beta * ||v - v_base||^2 at one rollout state per step (LoRA only); 0 = off
+    anchor: float = 0.0  # velocity anchor beta * ||v - v_base||^2 at one rollout state per step: a brake on reward hacking; 0 = off
     balance_tags: bool = True  # draw a task tag uniformly, then a prompt of it (prompt sets with tags)
     finetune: str = "lora"  # lora | full
     lora_rank: int = 8

@@ -1,6 +1,7 @@
 """The training loop shared by every method: rollout -> reward gradient once -> surrogates -> optimiser step."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -87,22 +88,28 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
     return loss, infos
 
 
-def anchor_backward(backbone, traj, generator: torch.Generator, beta: float, factor: float) -> float:
+def anchor_backward(backbone, traj, generator: torch.Generator, beta: float, factor: float, reference=None) -> float:
     """Accumulate the gradient of factor * beta * mean ||v_theta(x_t) - v_base(x_t)||^2 at one random rollout state.
 
-    The base is the same transformer with its LoRA switched off, so the brake costs one forward and
-    no memory for a frozen copy.  It is the flow-matching analogue of a KL penalty to the base
-    policy: the reward can move the field only as far as its gain pays for.  Returns the value.
+    The base is `reference` (a frozen copy of the transformer, for full fine-tuning) or else the same
+    transformer with its LoRA switched off, which costs one forward and no memory.  It is the
+    flow-matching analogue of a KL penalty to the base policy: the reward can move the field only
+    as far as its gain pays for.  Returns the value.
     """
     t = int(torch.randint(traj.num_steps, (1,), generator=generator))
     x, sigma = traj.states[t], traj.sigmas[t]
     tr = backbone.transformer
     with torch.no_grad():
-        tr.disable_adapters()
+        if reference is not None:
+            backbone.transformer = reference
+        else:
+            tr.disable_adapters()
         try:
             v_base = backbone.velocity(x, sigma, traj.cond)
         finally:
-            tr.enable_adapters()
+            backbone.transformer = tr
+            if reference is None:
+                tr.enable_adapters()
     value = (backbone.velocity(x, sigma, traj.cond).float() - v_base.float()).pow(2).mean() * beta
     (value * factor).backward()
     return value.item()
@@ -346,9 +353,11 @@ def check_run(cfg: config_mod.Config, resume: str | None):
     if tc.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be 'ddp' or 'fsdp', got {tc.parallel!r}")
     check_launcher()
-    if tc.anchor < 0 or (tc.anchor > 0 and tc.finetune != "lora"):
-        raise UserError(f"train.anchor must be >= 0 and needs train.finetune=lora (the base is the model with its LoRA off), "
-                        f"got anchor {tc.anchor} with finetune {tc.finetune!r}")
+    if tc.anchor < 0:
+        raise UserError(f"train.anchor must be >= 0 (0 = off), got {tc.anchor}")
+    if tc.anchor > 0 and tc.finetune == "full" and tc.parallel == "fsdp":
+        raise UserError("train.anchor with train.finetune=full keeps a whole frozen copy of the transformer on every rank, "
+                        "which defeats train.parallel=fsdp; use train.finetune=lora (its base is the model with the LoRA off) or train.anchor=0")
     out = Path(cfg.output.dir)
     config_text = config_mod.dump(cfg)
     if resume is None and out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
@@ -385,6 +394,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         probe = backbone.decode(backbone.initial_noise(2, H, W, torch.Generator(device).manual_seed(0)), H, W)
         reward(probe, [train_rows[0]["prompt"]] * 2)
     reward.check_finite = False  # from here on a non-finite reward skips the step (guards below) instead of stopping
+    reference = copy.deepcopy(backbone.transformer).requires_grad_(False) if tc.anchor > 0 and tc.finetune == "full" else None
     model_params = setup_trainable(backbone, tc)
     sharded = tc.parallel == "fsdp" and world > 1
     if sharded:
@@ -503,7 +513,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
                 agg["loss"] += loss
                 infos += step_infos
                 if tc.anchor > 0:
-                    value = anchor_backward(backbone, traj, gens["anchor"], tc.anchor, 1.0 / tc.grad_accum)
+                    value = anchor_backward(backbone, traj, gens["anchor"], tc.anchor, 1.0 / tc.grad_accum, reference)
                     agg["anchor"] = agg.get("anchor", 0.0) + value / tc.grad_accum
                     if not math.isfinite(value):
                         bad = bad or "loss"
