@@ -7,16 +7,19 @@ seeds of ShapeScore and ShapeEval after training, seconds per iteration, peak me
 
     python benchmarks/compare_methods.py                     # all methods and ablations, 3 seeds
     python benchmarks/compare_methods.py --variants leapalign,refl --seeds 0,1,2 --steps 60
+    python benchmarks/compare_methods.py --jobs 2            # two runs at a time, one thread each
     python benchmarks/compare_methods.py --quick             # smoke test in one process: 2 steps, 1 seed, tiny eval
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +45,7 @@ VARIANTS: dict[str, list[str]] = {
 TAGS = ["single_object", "two_objects", "counting", "colors", "position", "color_attr"]
 
 
-def run_one(variant: str, seed: int, work: Path, extra: list[str], in_process: bool = False) -> dict:
+def run_one(variant: str, seed: int, work: Path, extra: list[str], in_process: bool = False, threads: int = 0) -> dict:
     """One training run; in its own process unless `in_process` (the smoke test: no per-run start-up cost)."""
     out = work / f"{variant}_seed{seed}"
     overrides = [*VARIANTS[variant], f"train.seed={seed}", f"output.dir={out}", "output.tensorboard=false", "output.overwrite=true", *extra]
@@ -55,7 +58,8 @@ def run_one(variant: str, seed: int, work: Path, extra: list[str], in_process: b
         cmd = [sys.executable, "-m", "leapalign", "train", "--config", str(PRESET)]
         for item in overrides:
             cmd += ["--set", item]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -126,6 +130,7 @@ def main(argv=None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="extra override for every run")
     ap.add_argument("--quick", action="store_true", help="smoke test, in this process: 2 iterations, seed 0, 6 eval images (one per tag) of 2 steps")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cpu_count // jobs threads (s/iter is then measured side by side)")
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep every run's output folder here")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -140,14 +145,24 @@ def main(argv=None) -> None:
     elif args.steps is not None:
         extra.append(f"train.steps={args.steps}")
     work = args.keep_runs or Path(tempfile.mkdtemp(prefix="leapalign_compare_"))
-    runs = []
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+
+    def one(job):
+        r = run_one(*job, work, extra, in_process=args.quick, threads=threads)
+        a = r["summary"]["after"]
+        print(f"{r['variant']:20s} seed {r['seed']}: ShapeScore {a['reward']:.3f}  ShapeEval {a['shapeeval']['overall']:.3f}  "
+              f"position {a['shapeeval']['position']:.3f}", flush=True)
+        return r
+
+    jobs = [(v, s) for v in variants for s in seeds]
     try:
-        for v in variants:
-            for s in seeds:
-                runs.append(run_one(v, s, work, extra, in_process=args.quick))
-                a = runs[-1]["summary"]["after"]
-                print(f"{v:20s} seed {s}: ShapeScore {a['reward']:.3f}  ShapeEval {a['shapeeval']['overall']:.3f}  "
-                      f"position {a['shapeeval']['position']:.3f}", flush=True)
+        if args.jobs == 1 or args.quick:
+            runs = [one(j) for j in jobs]
+        else:
+            with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own process; threads only wait on them
+                runs = list(pool.map(one, jobs))
     finally:
         if args.keep_runs is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -119,6 +119,7 @@ def test_resume_continues_the_same_run(tmp_path):
 @pytest.mark.parametrize("method", ["refl", "draft_lv", "draft_k", "drtune", "alignprop", "flowbp_sparse"])
 def test_every_baseline_raises_the_reward(tmp_path, method):
     """Same short budget as LeapAlign's test above; the reward on the trained prompts goes up."""
-    summary, _ = _run(tmp_path, method, f"method.name={method}", STEPS, "train.ema=0.5")
+    # the anchor off: this is about the method's own gradient (30 steps of anchor 30 hold some of them near the base)
+    summary, _ = _run(tmp_path, method, f"method.name={method}", STEPS, "train.ema=0.5", "train.anchor=0")
     assert summary["method"] == method
     assert summary["after"]["reward"] > summary["before"]["reward"] + 0.01, summary

@@ -45,13 +45,13 @@ class TrainConfig:
     batch_size: int = 16
     num_steps: int = 16  # rollout length
     prompts: str = "shapeworld:train"  # "shapeworld:train|eval" or a text file, one prompt a line
-    anchor: float = 0.0  # velocity anchor beta * ||v - v_base||^2 at one rollout state per step: a brake on reward hacking; 0 = off
+    anchor: float = 30.0  # velocity anchor beta * ||v - v_base||^2 at one rollout state per step: a brake on reward hacking; 0 = off
     balance_tags: bool = True  # draw a task tag uniformly, then a prompt of it (prompt sets with tags)
     finetune: str = "lora"  # lora | full
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
-    lr: float = 1e-4  # 1e-3 and 3e-4 degraded ShapeEval on the demo (docs/leapalign.md)
+    lr: float = 1e-3  # with the anchor; without it 1e-3 and 3e-4 degraded ShapeEval on the demo (docs/leapalign.md)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
