@@ -8,6 +8,7 @@ seeds of ShapeScore and ShapeEval after training, seconds per iteration, peak me
     python benchmarks/compare_methods.py                     # all methods and ablations, 3 seeds
     python benchmarks/compare_methods.py --variants leapalign,refl --seeds 0,1,2 --steps 60
     python benchmarks/compare_methods.py --jobs 2            # two runs at a time, one thread each
+    python benchmarks/compare_methods.py --variants leapalign,leapalign_alpha0 --name ablations   # -> ablations.md
     python benchmarks/compare_methods.py --quick             # smoke test in one process: 2 steps, 1 seed, tiny eval
 """
 from __future__ import annotations
@@ -131,6 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test, in this process: 2 iterations, seed 0, 6 eval images (one per tag) of 2 steps")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cpu_count // jobs threads (s/iter is then measured side by side)")
+    ap.add_argument("--name", default="methods", help="stem of the written table and plot, e.g. ablations")
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep every run's output folder here")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -170,7 +172,7 @@ def main(argv=None) -> None:
     text = table(runs, command.strip())
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "methods_quick" if args.quick else "methods"
+    name = f"{args.name}_quick" if args.quick else args.name
     (args.out / f"{name}.md").write_text(text)
     plot(runs, args.out / f"{name}.png")
 
