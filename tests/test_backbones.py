@@ -6,6 +6,7 @@ from_pretrained path a user's model folder does.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,38 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"could not load the pipeline at nobody/no-such-model \(HF_HUB_OFFLINE is set: only the local cache is searched\)"):
         load_backbone(config.ModelConfig(path="nobody/no-such-model"))
+
+
+def test_text_cache_on_cpu_changes_no_conditioning(model_dir):
+    """train.text_cache=cpu: the encoders and the cache move to CPU memory; every family's conditioning
+    (negative prompts and variable-length rows included) is unchanged and arrives on the model's device."""
+    cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16"])
+    plain = load_backbone(cfg.model)
+    plain.encode_prompts(PROMPTS[:1])  # the same batches as below (a text encoder's round-off depends on the batch)
+    ref = plain.encode_prompts(PROMPTS)
+    backbone = load_backbone(cfg.model)
+    backbone.encode_prompts(PROMPTS[:1])  # encoded before the move: the cache entry moves too
+    backbone.offload_text()
+    got = backbone.encode_prompts(PROMPTS)
+    for part in ("batch", "shared"):
+        a, b = getattr(ref, part), getattr(got, part)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+            assert b[k].device == backbone.device
+    assert all(t.device.type == "cpu" for row in backbone._prompt_cache.values() for t in row)
+    encoders = [getattr(backbone.pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(backbone.pipe, n, None) is not None]
+    assert encoders and all(p.device.type == "cpu" for m in encoders for p in m.parameters())
+
+
+def test_text_cache_on_cpu_trains_identically(tmp_path):
+    folder = tmp_path / "pipe"
+    BUILDERS["flux"]().save_pretrained(folder)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    a, out_a, _ = _train(tmp_path / "a", folder, "train.steps=3")
+    b, out_b, _ = _train(tmp_path / "b", folder, "train.steps=3", "train.text_cache=cpu")
+    drop = ("seconds", "peak_memory_mb")
+    ma = [{k: v for k, v in m.items() if k not in drop} for m in map(json.loads, (out_a / "metrics.jsonl").read_text().splitlines())]
+    mb = [{k: v for k, v in m.items() if k not in drop} for m in map(json.loads, (out_b / "metrics.jsonl").read_text().splitlines())]
+    assert ma == mb and a["after"] == b["after"]

@@ -61,6 +61,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint interval in steps; 0 = only at the end
     keep_last_n: int = 0  # checkpoints kept on disk (the newest ones); 0 = all
     max_bad_steps: int = 5  # non-finite reward/loss/gradient steps in a row before the run stops
+    text_cache: str = "device"  # device | cpu: text encoders and prompt cache in CPU memory, each batch moved to the device
     decode_batch: int = 0  # decode and score the rollout's samples this many at a time; 0 = all at once
     fp32_master: bool = True  # with model.dtype bf16/fp16: the optimiser updates fp32 copies of the trainable weights
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% more time

@@ -353,6 +353,8 @@ def check_run(cfg: config_mod.Config, resume: str | None):
     if tc.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be 'ddp' or 'fsdp', got {tc.parallel!r}")
     check_launcher()
+    if tc.text_cache not in ("device", "cpu"):
+        raise UserError(f"train.text_cache must be 'device' or 'cpu', got {tc.text_cache!r}")
     if tc.anchor < 0:
         raise UserError(f"train.anchor must be >= 0 (0 = off), got {tc.anchor}")
     if tc.anchor > 0 and tc.finetune == "full" and tc.parallel == "fsdp":
@@ -386,6 +388,8 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     method = build_method(cfg.method)
     method.check(tc.num_steps)
     backbone = load_backbone(cfg.model, device)
+    if tc.text_cache == "cpu":
+        backbone.offload_text()
     reward = load_reward(cfg.reward.fn, cfg.reward.path).to(device)
     train_rows = load_prompt_rows(tc.prompts)
     eval_rows = load_prompt_rows(ec.prompts)

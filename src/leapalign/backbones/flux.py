@@ -64,7 +64,7 @@ class FluxBackbone(Backbone):
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         def encode(new):
-            embeds, pooled, _ = self.pipe.encode_prompt(prompt=new, prompt_2=new, device=self.device,
+            embeds, pooled, _ = self.pipe.encode_prompt(prompt=new, prompt_2=new, device=self.encode_device,
                                                         max_sequence_length=self.max_sequence_length)
             return list(zip(embeds, pooled))
 

@@ -70,7 +70,7 @@ class Flux2KleinBackbone(Backbone):
 
     # ------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str]):
-        embeds, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length,
+        embeds, _ = self.pipe.encode_prompt(prompt=prompts, device=self.encode_device, max_sequence_length=self.max_sequence_length,
                                             text_encoder_out_layers=self.text_encoder_out_layers)
         return [(e,) for e in embeds]
 

@@ -51,7 +51,7 @@ class QwenImageBackbone(Backbone):
     def _rows(self, prompts: list[str]) -> list[torch.Tensor]:
         """Each prompt's valid-token encodings (L_i, D), encoded once (right padding: batch-independent)."""
         def encode(new):
-            embeds, mask = self.pipe.encode_prompt(prompt=new, device=self.device, max_sequence_length=self.max_sequence_length)
+            embeds, mask = self.pipe.encode_prompt(prompt=new, device=self.encode_device, max_sequence_length=self.max_sequence_length)
             lengths = mask.sum(1).tolist() if mask is not None else [embeds.shape[1]] * len(new)
             return [(e[:n],) for e, n in zip(embeds, lengths)]
 

@@ -33,7 +33,7 @@ class SD3Backbone(Backbone):
     def _encode(self, prompts: list[str]):
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=prompts, prompt_3=prompts, do_classifier_free_guidance=False,
-            device=self.device, max_sequence_length=self.max_sequence_length)
+            device=self.encode_device, max_sequence_length=self.max_sequence_length)
         return list(zip(embeds, pooled))
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
