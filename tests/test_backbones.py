@@ -52,7 +52,7 @@ def _train(tmp_path, model_dir, *overrides):
     cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:redness",
                              f"output.dir={tmp_path / 'run'}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
                              "train.steps=10", "train.batch_size=4", "train.num_steps=4", "train.lr=3e-2", "eval.num_steps=4",
-                             "eval.grid_size=4", "output.tensorboard=false", *overrides])
+                             "eval.grid_size=4", "output.tensorboard=false", "train.anchor=0", *overrides])
     return train(cfg, progress=False), tmp_path / "run", cfg
 
 
@@ -195,3 +195,35 @@ def test_text_cache_on_cpu_trains_identically(tmp_path):
     ma = [{k: v for k, v in m.items() if k not in drop} for m in map(json.loads, (out_a / "metrics.jsonl").read_text().splitlines())]
     mb = [{k: v for k, v in m.items() if k not in drop} for m in map(json.loads, (out_b / "metrics.jsonl").read_text().splitlines())]
     assert ma == mb and a["after"] == b["after"]
+
+
+def test_the_anchor_base_is_the_model_without_its_lora(model_dir):
+    """Every family's transformer switches its LoRA off and on again for train.anchor; the value and gradient
+    equal those against a frozen copy taken before the LoRA was added."""
+    import copy
+
+    from leapalign.rollout import rollout
+    from leapalign.train import anchor_backward, setup_trainable
+
+    cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", "train.lora_rank=4"])
+    backbone = load_backbone(cfg.model)
+    reference = copy.copy(backbone)
+    reference.transformer = copy.deepcopy(backbone.transformer)
+    params = setup_trainable(backbone, cfg.train)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    traj = rollout(backbone, PROMPTS, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    value = anchor_backward(backbone, traj, torch.Generator().manual_seed(2), 1.0, 1.0)
+    grads = lambda: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]  # noqa: E731 (unused LoRA layers)
+    got = grads()
+    t = int(torch.randint(traj.num_steps, (1,), generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        v_base = reference.velocity(traj.states[t], traj.sigmas[t], traj.cond)
+    for p in params:
+        p.grad = None
+    ref = (backbone.velocity(traj.states[t], traj.sigmas[t], traj.cond) - v_base).pow(2).mean()
+    ref.backward()
+    assert ref.item() > 1e-8 and value == pytest.approx(ref.item(), rel=1e-4)
+    conftest.assert_grads_close(got, grads(), rel=1e-4)
