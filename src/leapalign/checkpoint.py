@@ -28,6 +28,11 @@ HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_b
             "eval.", "output.")
 
 
+# Keys added after checkpoints were first written, with the value that reproduces a run from before:
+# an older checkpoint resumes under it, and is refused (naming the key) under anything else.
+BEFORE_IT_EXISTED = {"train.anchor": 0.0, "train.fsdp_reshard": True, "train.text_cache": "device"}
+
+
 def capture_rng(generators: dict[str, torch.Generator]) -> dict:
     """Every random state a step consumes: python, numpy, torch (CPU and CUDA), and the run's own generators."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -127,13 +132,9 @@ def check_config(path: Path, config_text: str) -> None:
     saved_file = path / "config.yaml"
     if not saved_file.is_file():
         return
-    from .config import dump, load
-
-    try:  # keys added to leapalign since the checkpoint was written take their defaults
-        saved_text = dump(load(saved_file))
-    except UserError:  # a key since removed: compare the text as written
-        saved_text = saved_file.read_text()
-    saved, now = _flatten(yaml.safe_load(saved_text)), _flatten(yaml.safe_load(config_text))
+    saved, now = _flatten(yaml.safe_load(saved_file.read_text())), _flatten(yaml.safe_load(config_text))
+    for key, value in BEFORE_IT_EXISTED.items():  # a checkpoint older than the key ran as the key's legacy value
+        saved.setdefault(key, value)
     diffs = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     harmful = [k for k in diffs if not k.startswith(HARMLESS)]
     if harmful:
