@@ -88,28 +88,25 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
     return loss, infos
 
 
-def anchor_backward(backbone, traj, generator: torch.Generator, beta: float, factor: float, reference=None) -> float:
+def anchor_backward(backbone, traj, generator: torch.Generator, beta: float, factor: float, base=None) -> float:
     """Accumulate the gradient of factor * beta * mean ||v_theta(x_t) - v_base(x_t)||^2 at one random rollout state.
 
-    The base is `reference` (a frozen copy of the transformer, for full fine-tuning) or else the same
-    transformer with its LoRA switched off, which costs one forward and no memory.  It is the
-    flow-matching analogue of a KL penalty to the base policy: the reward can move the field only
-    as far as its gain pays for.  Returns the value.
+    v_base comes from `base` (a backbone over a frozen copy of the transformer, for full fine-tuning) or
+    else from the same transformer with its LoRA switched off, which costs one forward and no memory.
+    It is the flow-matching analogue of a KL penalty to the base policy: the reward can move the field
+    only as far as its gain pays for.  Returns the value.
     """
     t = int(torch.randint(traj.num_steps, (1,), generator=generator))
     x, sigma = traj.states[t], traj.sigmas[t]
-    tr = backbone.transformer
     with torch.no_grad():
-        if reference is not None:
-            backbone.transformer = reference
+        if base is not None:
+            v_base = base.velocity(x, sigma, traj.cond)
         else:
-            tr.disable_adapters()
-        try:
-            v_base = backbone.velocity(x, sigma, traj.cond)
-        finally:
-            backbone.transformer = tr
-            if reference is None:
-                tr.enable_adapters()
+            backbone.transformer.disable_adapters()
+            try:
+                v_base = backbone.velocity(x, sigma, traj.cond)
+            finally:
+                backbone.transformer.enable_adapters()
     value = (backbone.velocity(x, sigma, traj.cond).float() - v_base.float()).pow(2).mean() * beta
     (value * factor).backward()
     return value.item()
@@ -398,7 +395,10 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         probe = backbone.decode(backbone.initial_noise(2, H, W, torch.Generator(device).manual_seed(0)), H, W)
         reward(probe, [train_rows[0]["prompt"]] * 2)
     reward.check_finite = False  # from here on a non-finite reward skips the step (guards below) instead of stopping
-    reference = copy.deepcopy(backbone.transformer).requires_grad_(False) if tc.anchor > 0 and tc.finetune == "full" else None
+    anchor_base = None  # full fine-tuning's anchor: the same adapter over a frozen copy of the transformer
+    if tc.anchor > 0 and tc.finetune == "full":
+        anchor_base = copy.copy(backbone)
+        anchor_base.transformer = copy.deepcopy(backbone.transformer).requires_grad_(False)
     model_params = setup_trainable(backbone, tc)
     sharded = tc.parallel == "fsdp" and world > 1
     if sharded:
@@ -517,7 +517,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
                 agg["loss"] += loss
                 infos += step_infos
                 if tc.anchor > 0:
-                    value = anchor_backward(backbone, traj, gens["anchor"], tc.anchor, 1.0 / tc.grad_accum, reference)
+                    value = anchor_backward(backbone, traj, gens["anchor"], tc.anchor, 1.0 / tc.grad_accum, anchor_base)
                     agg["anchor"] = agg.get("anchor", 0.0) + value / tc.grad_accum
                     if not math.isfinite(value):
                         bad = bad or "loss"

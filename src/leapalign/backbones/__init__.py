@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .base import Backbone, Conditioning
+from .base import TEXT_ENCODERS, Backbone, Conditioning
 from .flux import FluxBackbone
 from .flux2 import Flux2KleinBackbone
 from .qwenimage import QwenImageBackbone
@@ -104,7 +104,7 @@ def load_backbone(model_cfg, device: torch.device | str = "cpu") -> Backbone:
     cls_name = type(pipe).__name__
     _check_supported(cls_name)
     pipe.to(device)
-    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+    for name in ("vae", *TEXT_ENCODERS):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False).eval()

@@ -30,6 +30,9 @@ class Conditioning:
         return Conditioning({k: torch.cat([p.batch[k] for p in parts]) for k in parts[0].batch}, parts[0].shared)
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # the pipeline slots that can hold one
+
+
 class Backbone:
     """Adapter interface: prompts -> conditioning, noise, schedule, velocity(x, sigma, cond), latents -> image.
 
@@ -88,7 +91,7 @@ class Backbone:
         leaves the accelerator, and the cache (4 MB per prompt at 512 tokens) no longer grows there.
         A prompt seen for the first time is encoded on the CPU, which is slower.
         """
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name in TEXT_ENCODERS:
             module = getattr(self.pipe, name, None)
             if module is not None:
                 module.to("cpu")
