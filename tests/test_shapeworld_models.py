@@ -46,9 +46,8 @@ def test_reward_is_differentiable_in_the_pixels():
 
 
 def test_reward_ranks_true_caption_above_hard_negatives():
-    """Per tag on fresh renders of eval prompts.  Attribute tags are near perfect; relations
-    (swapped objects, opposite relation) are the reward's known weakness (docs/shapeworld.md),
-    guarded here so that it does not get worse."""
+    """Per tag on fresh renders of eval prompts, the issue's 95% target (relations included: swapped objects,
+    the opposite relation); 2,000 renders give position 0.963 (docs/shapeworld.md), this half-set a noisier 0.93+."""
     reward = shapeworld.load_reward()
     rng = random.Random(3)
     per_tag: dict[str, list[int]] = {}
@@ -60,10 +59,10 @@ def test_reward_ranks_true_caption_above_hard_negatives():
             per_tag.setdefault(row["tag"], []).extend((s[0] > s[1:]).int().tolist())
     acc = {t: sum(v) / len(v) for t, v in per_tag.items()}
     for tag in ("single_object", "two_objects", "counting", "colors", "color_attr"):
-        assert acc[tag] >= 0.95, acc
-    assert acc["position"] >= 0.6, acc
+        assert acc[tag] >= 0.97, acc
+    assert acc["position"] >= 0.93, acc
     overall = sum(sum(v) for v in per_tag.values()) / sum(len(v) for v in per_tag.values())
-    assert overall >= 0.9, acc
+    assert overall >= 0.97, acc
 
 
 def test_eval_cli_writes_the_documented_json(tmp_path):

@@ -70,14 +70,39 @@ def own_group_mask(logits: torch.Tensor, batch: int, group_sizes: list[int]) -> 
     return mask
 
 
-def make_model(tokenizer):
+def init_positions(model, scale: float) -> None:
+    """Start the vision tower's position embeddings at a 2D sin-cos grid times `scale` (MAE's table), class row 0.
+
+    CLIP's default start (std 0.02, beside patch embeddings of std 0.1 at this width) makes where a patch is a
+    small perturbation of what it shows.  Relations are learned either way in position-only runs; the shipped
+    ShapeScore was trained with this start (docs/shapeworld.md has the measurements)."""
+    emb = model.vision_model.embeddings.position_embedding.weight
+    grid = int(round((emb.shape[0] - 1) ** 0.5))
+    quarter = emb.shape[1] // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+
+    def encode(pos):
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    table = torch.cat([encode(ys), encode(xs)], 1)
+    with torch.no_grad():
+        emb.zero_()
+        emb[1 : 1 + grid * grid, : table.shape[1]] = scale * table
+
+
+def make_model(tokenizer, position_init: float = 0.3):
     from transformers import CLIPConfig, CLIPModel
 
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                 max_position_embeddings=components.CLIP_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     vision = dict(image_size=32, patch_size=4, hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+    if position_init > 0:
+        init_positions(model, position_init)
+    return model
 
 
 def ranking_accuracy(reward: ClipReward, n: int, seed: int) -> dict:
@@ -189,6 +214,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--position-weight", type=float, default=TAG_WEIGHTS["position"],
+                    help="how much more often position scenes are drawn than single-object ones")
+    ap.add_argument("--position-init", type=float, default=0.3,
+                    help="scale of the 2D sin-cos start of the vision position embeddings (0: CLIP's default, blind to layout)")
     ap.add_argument("--init", type=Path, default=None, help="start from these ShapeScore weights")
     ap.add_argument("--image-negs", type=int, default=0,
                     help="renders of hard-negative captions per caption (plus a count error) the caption must rank below its own image")
@@ -208,7 +237,7 @@ def main(argv=None) -> None:
 
         model = CLIPModel.from_pretrained(args.init).train()
     else:
-        model = make_model(tok).train()
+        model = make_model(tok, args.position_init).train()
     pool = generated_pool(args.gen_pool, args.gen_per_tag, 8, args.seed) if args.gen_per_tag > 0 else None
     if pool is not None and args.gen_lora is not None:
         extra = generated_pool(args.gen_lora_pool, args.gen_lora_per_tag, 8, args.seed, lora=args.gen_lora)
@@ -224,6 +253,7 @@ def main(argv=None) -> None:
             if p in gen_fail:
                 gen_by_tag.setdefault(t, []).append(i)
         gen_tags = [t for t in world.TAGS if gen_by_tag.get(t)]
+    tag_weights = {**TAG_WEIGHTS, "position": args.position_weight}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     pre = lambda x: preprocess(x, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # noqa: E731
@@ -231,7 +261,7 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         caps, imgs, negs, neg_imgs = [], [], [], []
         for _ in range(args.batch):
-            cap, objs = world.random_scene(rng, TAG_WEIGHTS)
+            cap, objs = world.random_scene(rng, tag_weights)
             caps.append(cap)
             imgs.append(world.render_scene(objs))
             negs.append(hard_negatives(cap, rng))
