@@ -14,6 +14,7 @@ import torch
 
 from leapalign import config
 from leapalign.backbones import ADAPTERS, load_backbone
+from leapalign.backbones.base import TEXT_ENCODERS
 from leapalign.evaluation import load_prompt_rows, noise_for_seeds
 from leapalign.errors import UserError
 from leapalign.train import train
@@ -180,7 +181,7 @@ def test_text_cache_on_cpu_changes_no_conditioning(model_dir):
             assert torch.equal(a[k], b[k]), (part, k)
             assert b[k].device == backbone.device
     assert all(t.device.type == "cpu" for row in backbone._prompt_cache.values() for t in row)
-    encoders = [getattr(backbone.pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(backbone.pipe, n, None) is not None]
+    encoders = [getattr(backbone.pipe, n) for n in TEXT_ENCODERS if getattr(backbone.pipe, n, None) is not None]
     assert encoders and all(p.device.type == "cpu" for m in encoders for p in m.parameters())
 
 

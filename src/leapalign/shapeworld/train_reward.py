@@ -217,7 +217,7 @@ def main(argv=None) -> None:
     ap.add_argument("--position-weight", type=float, default=TAG_WEIGHTS["position"],
                     help="how much more often position scenes are drawn than single-object ones")
     ap.add_argument("--position-init", type=float, default=0.3,
-                    help="scale of the 2D sin-cos start of the vision position embeddings (0: CLIP's default, blind to layout)")
+                    help="scale of the 2D sin-cos start of the vision position embeddings (0: CLIP's default std-0.02 start)")
     ap.add_argument("--init", type=Path, default=None, help="start from these ShapeScore weights")
     ap.add_argument("--image-negs", type=int, default=0,
                     help="renders of hard-negative captions per caption (plus a count error) the caption must rank below its own image")
