@@ -10,7 +10,7 @@ import torch
 
 from leapalign import shapeworld
 from leapalign.shapeworld import world
-from leapalign.shapeworld.train_reward import hard_negatives
+from leapalign.shapeworld.train_reward import adversarial_images, hard_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,35 @@ def test_reward_ranks_true_caption_above_hard_negatives():
     assert acc["position"] >= 0.93, acc
     overall = sum(sum(v) for v in per_tag.values()) / sum(len(v) for v in per_tag.values())
     assert overall >= 0.97, acc
+
+
+def test_adversarial_images_stay_within_eps_and_raise_the_training_loss():
+    """`train_reward --adversarial`'s PGD: every pixel moves at most eps, and the contrastive loss it attacks rises."""
+    import torch.nn.functional as F
+    from leapalign.rewards.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess
+
+    reward = shapeworld.load_reward()
+    model = reward.model
+    prompts = [r["prompt"] for r in world.prompt_rows("eval")[::36]]
+    x = world.render_batch(prompts, list(range(len(prompts))))
+    ids = reward.tokenizer(prompts, padding="max_length", max_length=model.config.text_config.max_position_embeddings,
+                           truncation=True, return_tensors="pt")
+    pre = lambda im: preprocess(im, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # noqa: E731
+    with torch.no_grad():
+        t = F.normalize(model.get_text_features(**ids).pooler_output, dim=-1)
+
+    def loss(v):
+        return F.cross_entropy(30 * v @ t.T, torch.arange(len(prompts)))
+
+    def embed(im):
+        with torch.no_grad():
+            return F.normalize(model.get_image_features(pixel_values=pre(im)).pooler_output, dim=-1)
+
+    torch.manual_seed(0)
+    adv = adversarial_images(model, pre, x, loss, eps=0.03, steps=2)
+    assert adv.shape == x.shape and 0 <= adv.min() and adv.max() <= 1
+    assert (adv - x).abs().max() <= 0.03 + 1e-6
+    assert loss(embed(adv)) > loss(embed(x)) + 0.05
 
 
 def test_eval_cli_writes_the_documented_json(tmp_path):

@@ -148,6 +148,21 @@ def augment(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     return (x * gain + offset + noise).clamp(0, 1)
 
 
+def adversarial_images(model, pre, x: torch.Tensor, loss_fn, eps: float, steps: int) -> torch.Tensor:
+    """PGD in L-inf: perturb every image (within eps) to raise `loss_fn(image embeddings)`, the training loss.
+
+    The caption's own image is pushed towards other captions and its hard-negative renders towards the caption.
+    Training on these makes the reward robust, so that it cannot be raised by a small pixel change and its
+    gradient has to change shapes, colours and places (robust models have perceptually aligned gradients)."""
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        v = F.normalize(model.get_image_features(pixel_values=pre((x + delta).clamp(0, 1))).pooler_output, dim=-1)
+        (grad,) = torch.autograd.grad(loss_fn(v), delta)
+        delta = (delta.detach() + 0.5 * eps * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1)
+
+
 def negative_images(cap: str, objs: list, negs: list[str], count: int, rng: random.Random) -> list[np.ndarray]:
     """Renders that do NOT satisfy `cap`: scenes of `count` of its hard-negative captions, plus a count error
     (an extra object, or one of two objects missing) for every tag whose judge counts objects."""
@@ -222,6 +237,9 @@ def main(argv=None) -> None:
     ap.add_argument("--image-negs", type=int, default=0,
                     help="renders of hard-negative captions per caption (plus a count error) the caption must rank below its own image")
     ap.add_argument("--augment", type=float, default=0.0, help="strength of shift/blur/jitter/noise augmentation (0: light legacy jitter)")
+    ap.add_argument("--adversarial", type=float, default=0.0,
+                    help="L-inf radius of PGD perturbations the reward is trained to resist (0: off); makes its pixel gradient follow shapes")
+    ap.add_argument("--adv-steps", type=int, default=2, help="PGD steps per batch with --adversarial")
     ap.add_argument("--gen-per-tag", type=int, default=0, help="base samples per tag on train prompts, judged by ShapeEval (0: none)")
     ap.add_argument("--gen-batch", type=int, default=32)
     ap.add_argument("--gen-pool", type=Path, default=Path("shapescore_generated.pt"), help="cache of the judged samples")
@@ -300,21 +318,29 @@ def main(argv=None) -> None:
         texts = caps + [n for ns in negs for n in ns] + gen_caps + [n for ns in gen_negs for n in ns]
         ids = tok(texts, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
         t = F.normalize(model.get_text_features(**ids).pooler_output, dim=-1)
-        v = F.normalize(model.get_image_features(pixel_values=pre(x)).pooler_output, dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         nb_neg_caps = sum(len(ns) for ns in negs)
-        logits = scale * v[:B] @ t[: B + nb_neg_caps].T  # (B, B + all negatives)
-        # each image competes against the batch captions and its own hard negatives only
-        loss_i = F.cross_entropy(logits + own_group_mask(logits, B, [len(ns) for ns in negs]), torch.arange(B))
+
+        def contrastive(v, t=t, scale=scale):
+            """(image->text, text->image) losses of the batch's renders and their own hard negatives."""
+            logits = scale * v[:B] @ t[: B + nb_neg_caps].T  # (B, B + all negatives)
+            # each image competes against the batch captions and its own hard negatives only
+            loss_i = F.cross_entropy(logits + own_group_mask(logits, B, [len(ns) for ns in negs]), torch.arange(B))
+            if args.image_negs > 0:
+                # each caption picks its own image among the batch images and the renders of its own negatives
+                lt = scale * t[:B] @ v[: B + len(flat_negs)].T
+                return loss_i, F.cross_entropy(lt + own_group_mask(lt, B, [len(ims) for ims in neg_imgs]), torch.arange(B))
+            return loss_i, F.cross_entropy(logits[:, :B].T, torch.arange(B))
+
+        if args.adversarial > 0:
+            n = B + len(flat_negs)  # renders only: generated samples keep their own imperfections
+            adv = adversarial_images(model, pre, x[:n], lambda v: sum(contrastive(v, t.detach(), scale.detach())),
+                                     args.adversarial, args.adv_steps)
+            x = torch.cat([adv, x[n:]])
+        v = F.normalize(model.get_image_features(pixel_values=pre(x)).pooler_output, dim=-1)
+        loss_i, loss_t = contrastive(v)
         parts = {"i2t": loss_i.item()}
-        if args.image_negs > 0:
-            # each caption picks its own image among the batch images and the renders of its own negatives
-            lt = scale * t[:B] @ v[: B + len(flat_negs)].T
-            loss_t = F.cross_entropy(lt + own_group_mask(lt, B, [len(ims) for ims in neg_imgs]), torch.arange(B))
-            loss = loss_i + loss_t
-        else:
-            loss_t = F.cross_entropy(logits[:, :B].T, torch.arange(B))
-            loss = loss_i + 0.5 * loss_t
+        loss = loss_i + (loss_t if args.image_negs > 0 else 0.5 * loss_t)
         parts["t2i"] = loss_t.item()
         if gen_caps:
             G = len(gen_caps)
