@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,3 +29,31 @@ def test_memory_benchmark_runs_through_the_trainer(tmp_path):
     text = out.read_text()
     for method in ("leapalign", "alignprop", "draft_k", "drtune"):
         assert f"| {method} |" in text
+
+
+def test_reward_alignment_probe_ascends_the_reward_and_measures_a_lora(tmp_path):
+    """Latent ascent raises the reward it follows; a LoRA that moves the samples shows a non-zero drift."""
+    from leapalign import config
+    from leapalign.backbones import load_backbone
+    from leapalign.train import save_lora, setup_trainable
+
+    backbone = load_backbone(config.load(None, []).model)
+    setup_trainable(backbone, config.load(None, []).train)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in backbone.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # peft starts B at zero: give the adapter an effect
+    save_lora(backbone, tmp_path / "lora")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import reward_alignment
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "alignment.md"
+    reward_alignment.main(["--quick", "--seeds", "1", "--loras", str(tmp_path / "lora"), "--out", str(out)])
+    rows = [l.split("|") for l in out.read_text().splitlines() if l.startswith("| shipped |")]
+    rewards = [float(r[4]) for r in rows]  # ascent steps 0, 1, 2
+    assert len(rewards) == 3 and rewards[2] > rewards[0], rewards
+    drift = [l.split("|") for l in out.read_text().splitlines() if l.startswith(f"| {tmp_path / 'lora'} |")]
+    assert len(drift) == 1 and float(drift[0][2]) > 1e-3, drift
