@@ -14,6 +14,7 @@ Two measurements on base samples of the `eval` prompts (the pipeline's 28 steps,
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -34,9 +35,14 @@ def base_samples(backbone, prompts: list[str], seeds: list[int]) -> torch.Tensor
                           for i in range(0, len(prompts), 96)])
 
 
+def tag_means(values: torch.Tensor, tags: list[str]) -> dict:
+    """Mean of `values` over the samples of each tag present."""
+    return {t: values[[i for i, x in enumerate(tags) if x == t]].mean().item() for t in TAGS if t in tags}
+
+
 def judge(images: torch.Tensor, prompts: list[str], tags: list[str]) -> tuple[torch.Tensor, dict]:
     ok = torch.tensor([check(a, p) for a, p in zip(images.permute(0, 2, 3, 1).numpy(), prompts)]).float()
-    per = {t: ok[[i for i, x in enumerate(tags) if x == t]].mean().item() for t in TAGS if t in tags}
+    per = tag_means(ok, tags)
     return ok, {"overall": sum(per.values()) / len(per), **per}
 
 
@@ -83,7 +89,7 @@ def main(argv=None) -> None:
 
     cols = ["reward", "overall", *TAGS]
     lines = [f"# Reward gradient vs ShapeEval ({len(prompts)} base samples of the eval prompts)", "",
-             "`python benchmarks/reward_alignment.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]) + "`", "",
+             "`python benchmarks/reward_alignment.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
              f"## 1. Latent ascent on the reward (step L2 {ASCENT_STEP} per sample)", "",
              "| reward | AUC pass vs fail | ascent steps | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for name, reward in rewards.items():
@@ -103,8 +109,8 @@ def main(argv=None) -> None:
             backbone.pipe.unload_lora_weights()
             cos = torch.nn.functional.cosine_similarity(move.flatten(1), g.flatten(1), dim=1)
             rms = move.flatten(1).pow(2).mean(1).sqrt().mean().item()
-            per = [cos[[i for i, x in enumerate(tags) if x == t]].mean().item() for t in TAGS]
-            lines.append(f"| {lora} | {rms:.4f} | {cos.mean().item():.3f} | " + " | ".join(f"{c:.3f}" for c in per) + " |")
+            per = tag_means(cos, tags)
+            lines.append(f"| {lora} | {rms:.4f} | {cos.mean().item():.3f} | " + " | ".join(f"{per[t]:.3f}" for t in TAGS) + " |")
             print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
