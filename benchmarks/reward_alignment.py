@@ -21,7 +21,6 @@ import torch
 
 from leapalign import config, evaluation, shapeworld
 from leapalign.backbones import load_backbone
-from leapalign.rollout import rollout
 from leapalign.shapeworld.shapeeval import check
 
 TAGS = list(shapeworld.TAGS)
@@ -29,10 +28,8 @@ ASCENT_STEP = 0.25
 
 
 def base_samples(backbone, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([rollout(backbone, prompts[i : i + 96], 28, 32, 32,
-                                  noise=evaluation.noise_for_seeds(backbone, seeds[i : i + 96], 32, 32)).sample
-                          for i in range(0, len(prompts), 96)])
+    """x_N with the pipeline's default 28 steps, one sample per (prompt, seed)."""
+    return evaluation.sample_latents(backbone, prompts, seeds, 28, 32, 32)
 
 
 def tag_means(values: torch.Tensor, tags: list[str]) -> dict:

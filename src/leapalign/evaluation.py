@@ -35,9 +35,9 @@ def noise_for_seeds(backbone, seeds: list[int], height: int, width: int) -> torc
 
 
 @torch.no_grad()
-def generate(backbone, prompts: list[str], seeds: list[int], num_steps: int, height: int, width: int, batch_size: int = 96,
-             progress: bool = False) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1]; image i depends only on (prompt i, seed i)."""
+def sample_latents(backbone, prompts: list[str], seeds: list[int], num_steps: int, height: int, width: int, batch_size: int = 96,
+                   progress: bool = False) -> torch.Tensor:
+    """The rollouts' final latents x_N; sample i depends only on (prompt i, seed i)."""
     from .rollout import rollout
 
     out = []
@@ -48,9 +48,17 @@ def generate(backbone, prompts: list[str], seeds: list[int], num_steps: int, hei
         chunks = tqdm(chunks, desc="sampling", leave=False)
     for i in chunks:
         p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
-        traj = rollout(backbone, p, num_steps, height, width, noise=noise_for_seeds(backbone, s, height, width))
-        out.append(backbone.decode(traj.sample, height, width).float().cpu())
+        out.append(rollout(backbone, p, num_steps, height, width, noise=noise_for_seeds(backbone, s, height, width)).sample)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def generate(backbone, prompts: list[str], seeds: list[int], num_steps: int, height: int, width: int, batch_size: int = 96,
+             progress: bool = False) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1]; image i depends only on (prompt i, seed i)."""
+    latents = sample_latents(backbone, prompts, seeds, num_steps, height, width, batch_size, progress)
+    return torch.cat([backbone.decode(latents[i : i + batch_size], height, width).float().cpu()
+                      for i in range(0, len(prompts), batch_size)])
 
 
 @torch.no_grad()

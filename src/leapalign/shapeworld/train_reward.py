@@ -320,16 +320,17 @@ def main(argv=None) -> None:
         t = F.normalize(model.get_text_features(**ids).pooler_output, dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         nb_neg_caps = sum(len(ns) for ns in negs)
+        caption_groups, image_groups = [len(ns) for ns in negs], [len(ims) for ims in neg_imgs]
 
         def contrastive(v, t=t, scale=scale):
             """(image->text, text->image) losses of the batch's renders and their own hard negatives."""
             logits = scale * v[:B] @ t[: B + nb_neg_caps].T  # (B, B + all negatives)
             # each image competes against the batch captions and its own hard negatives only
-            loss_i = F.cross_entropy(logits + own_group_mask(logits, B, [len(ns) for ns in negs]), torch.arange(B))
+            loss_i = F.cross_entropy(logits + own_group_mask(logits, B, caption_groups), torch.arange(B))
             if args.image_negs > 0:
                 # each caption picks its own image among the batch images and the renders of its own negatives
                 lt = scale * t[:B] @ v[: B + len(flat_negs)].T
-                return loss_i, F.cross_entropy(lt + own_group_mask(lt, B, [len(ims) for ims in neg_imgs]), torch.arange(B))
+                return loss_i, F.cross_entropy(lt + own_group_mask(lt, B, image_groups), torch.arange(B))
             return loss_i, F.cross_entropy(logits[:, :B].T, torch.arange(B))
 
         if args.adversarial > 0:
