@@ -110,3 +110,55 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
         assert mean == pytest.approx(sum(row[name] for row in data["per_prompt"]) / 12, abs=1e-6)
     assert data["scores"]["shapescore"] != pytest.approx(data["scores"][f"{user}:redness"], abs=1e-3)
     assert out.with_suffix(".png").is_file()
+
+
+def _undistilled_teacher(folder: Path):
+    """A small random ShapeWorld pipeline without a guidance embedding (the shipped VAE, fresh everything else)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from leapalign.shapeworld import components
+    from leapalign.shapeworld.pretrain import assemble_pipeline
+
+    torch.manual_seed(0)
+    cfg = {**components.TRANSFORMER_CONFIG, "num_layers": 1, "num_single_layers": 1, "guidance_embeds": False}
+    pipe = assemble_pipeline(folder, transformer=FluxTransformer2DModel(**cfg),
+                             vae=AutoencoderKL.from_pretrained(shapeworld.BASE_DIR / "vae"))
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def test_guidance_embedding_starts_as_the_original_transformer(tmp_path):
+    from leapalign.backbones.flux import FluxBackbone
+    from leapalign.shapeworld.pretrain import with_guidance_embedding
+
+    teacher = _undistilled_teacher(tmp_path)
+    bb = FluxBackbone(teacher)
+    student = FluxBackbone(teacher)
+    student.transformer = with_guidance_embedding(teacher.transformer)
+    assert student.transformer.config.guidance_embeds
+    cond = bb.at_resolution(bb.encode_prompts(["a red circle", "two blue squares"]), 32, 32)
+    x, sigma = torch.randn(2, 16, 32), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        ref = bb.velocity(x, sigma, cond)
+        for g in (1.0, 3.5, torch.tensor([2.0, 5.0])):
+            student.guidance_scale = g
+            assert torch.allclose(student.velocity(x, sigma, cond), ref, atol=1e-6)
+
+
+def test_guidance_distillation_learns_the_cfg_velocity_and_saves_a_loadable_pipeline(tmp_path):
+    from diffusers import FluxPipeline
+
+    from leapalign.shapeworld.pretrain import cfg_scale, distill_guidance
+
+    assert cfg_scale(torch.tensor(1.0), 2.0) == 1.0 and cfg_scale(torch.tensor(3.5), 2.0) == 2.0
+    _undistilled_teacher(tmp_path / "teacher")
+    losses = distill_guidance(tmp_path / "student", tmp_path / "teacher", steps=60, batch=16, seed=0, log=lambda m: None,
+                              lr=1e-3, num_scenes=256)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    pipe = FluxPipeline.from_pretrained(tmp_path / "student")
+    assert pipe.transformer.config.guidance_embeds
+    a, b = (pipe("a red circle", height=32, width=32, num_inference_steps=4, guidance_scale=g, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images for g in (1.0, 5.0))
+    assert (a - b).abs().max() > 1e-3  # the guidance value now changes the sample
+    with pytest.raises(ValueError, match="already has a guidance embedding"):
+        distill_guidance(tmp_path / "again", tmp_path / "student", steps=1, batch=2, seed=0, log=lambda m: None, num_scenes=8)

@@ -118,7 +118,8 @@ class FluxBackbone(Backbone):
         timestep = ((sigma * 1000).expand(b).to(x.dtype)) / 1000
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
+            # a float, or one value per sample (guidance distillation trains on a range)
+            guidance = torch.as_tensor(self.guidance_scale, device=x.device, dtype=torch.float32).expand(b)
         img_ids = cond.shared.get("img_ids")
         if img_ids is None:  # no resolution given: only a square token grid is unambiguous
             side = int(round(math.sqrt(n_img)))

@@ -66,15 +66,15 @@ def train_vae(out: Path, steps: int, batch: int, seed: int, log) -> None:
     log(f"vae saved, shift {shift:.4f} scale {scale:.4f}")
 
 
-def assemble_pipeline(out: Path, transformer=None, text_encoders=None):
-    """A FluxPipeline of the ShapeWorld components (VAE from `out/vae`, the rest fresh or given)."""
+def assemble_pipeline(out: Path, transformer=None, text_encoders=None, vae=None):
+    """A FluxPipeline of the ShapeWorld components (VAE given or from `out/vae`, the rest fresh or given)."""
     from diffusers import AutoencoderKL, FluxPipeline
 
     clip_tok, t5_tok = components.make_tokenizers()
     clip, t5 = text_encoders or components.make_text_encoders(clip_tok, t5_tok)
     return FluxPipeline(
         scheduler=components.make_scheduler(),
-        vae=AutoencoderKL.from_pretrained(out / "vae"),
+        vae=vae or AutoencoderKL.from_pretrained(out / "vae"),
         text_encoder=clip,
         tokenizer=clip_tok,
         text_encoder_2=t5,
@@ -152,16 +152,127 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
             log(f"saved pipeline to {out} at step {step + 1}")
 
 
+PIPELINE_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
+
+
+def cfg_scale(guidance: torch.Tensor, cfg_at_default: float) -> torch.Tensor:
+    """The classifier-free guidance scale that a guidance-embedding value stands for.
+
+    Linear, with 1 = no guidance and the pipeline's default 3.5 = `cfg_at_default`, so that
+    `pipe(prompt)` samples at the CFG scale that measured best (docs/shapeworld.md).
+    """
+    return 1 + (guidance - 1) * (cfg_at_default - 1) / (PIPELINE_GUIDANCE - 1)
+
+
+def with_guidance_embedding(transformer):
+    """A copy of a FLUX transformer with FLUX.1-dev's guidance embedding, zero-initialised so it starts equal."""
+    from diffusers import FluxTransformer2DModel
+
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    student = FluxTransformer2DModel(**{**config, "guidance_embeds": True})
+    missing, unexpected = student.load_state_dict(transformer.state_dict(), strict=False)
+    if unexpected or any("guidance_embedder" not in k for k in missing):
+        raise RuntimeError(f"unexpected weights when adding the guidance embedding: {unexpected or missing}")
+    last = student.time_text_embed.guidance_embedder.linear_2
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return student
+
+
+def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, log, lr: float = 3e-4,
+                     cfg_at_default: float = 2.0, max_guidance: float = 5.0, ema_decay: float = 0.999,
+                     num_scenes: int = 60000) -> list[float]:
+    """Guidance distillation, as FLUX.1-dev was made: the student's velocity at guidance g matches the
+    teacher's classifier-free guided velocity v_u + w(g) (v_c - v_u), so one call does what CFG does in two.
+
+    Teacher: the pipeline at `init` (frozen). Student: its transformer plus a guidance embedding;
+    text encoders and VAE are shared and frozen. Points x_t are noised training latents.
+    """
+    from diffusers import FluxPipeline
+
+    from ..backbones.flux import FluxBackbone
+
+    torch.manual_seed(seed)
+    teacher = FluxPipeline.from_pretrained(init)
+    if teacher.transformer.config.guidance_embeds:
+        raise ValueError(f"{init} already has a guidance embedding; distil from an undistilled base")
+    for m in (teacher.transformer, teacher.text_encoder, teacher.text_encoder_2, teacher.vae):
+        m.requires_grad_(False).eval()
+    teacher_bb = FluxBackbone(teacher)
+    student = with_guidance_embedding(teacher.transformer).train().requires_grad_(True)
+    student_bb = FluxBackbone(teacher)
+    student_bb.transformer = student
+    caps, imgs = make_dataset(num_scenes, seed + 2)
+    with torch.no_grad():
+        latents = torch.cat([teacher_bb.encode_images(imgs[i : i + 500] / 2 + 0.5) for i in range(0, len(imgs), 500)])
+    del imgs
+    vocab = sorted(set(caps)) + [""]
+    cap_index = {c: i for i, c in enumerate(vocab)}
+    cap_ids = torch.tensor([cap_index[c] for c in caps])
+    t5_ids = teacher.tokenizer_2(vocab, padding="max_length", max_length=components.T5_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    clip_ids = teacher.tokenizer(vocab, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    empty = cap_index[""]
+    log(f"distill: teacher {init}, {len(latents)} latents, CFG {cfg_at_default} at guidance {PIPELINE_GUIDANCE}, guidance in [1, {max_guidance}]")
+
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    params = list(student.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    warm = min(100, steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    t0, run_loss, losses = time.time(), 0.0, []
+    for step in range(steps):
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        x0 = latents[idx]
+        pidx = torch.where(torch.rand(batch, generator=gen) < 0.1, torch.tensor(empty), cap_ids[idx])
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(batch, generator=gen))
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        g = 1 + (max_guidance - 1) * torch.rand(batch, generator=gen)
+        both = torch.cat([pidx, torch.full_like(pidx, empty)])
+        with torch.no_grad():
+            cond = teacher_bb.at_resolution(teacher_bb.conditioning(teacher.text_encoder_2(t5_ids[both]).last_hidden_state,
+                                                                    teacher.text_encoder(clip_ids[both]).pooler_output), 32, 32)
+            v_c, v_u = teacher_bb.velocity(torch.cat([xt, xt]), torch.cat([sigma, sigma]), cond).chunk(2)
+            w = cfg_scale(g, cfg_at_default)[:, None, None]
+            target = v_u + w * (v_c - v_u)
+        student_bb.guidance_scale = g
+        loss = F.mse_loss(student_bb.velocity(xt, sigma, cond.index(slice(0, batch))), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(ema_decay, (step + 1) / (step + 10))
+            for pe, pm in zip(ema.parameters(), student.parameters()):
+                pe.lerp_(pm, 1 - d)
+        run_loss += loss.item()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            log(f"distill step {step + 1}/{steps} loss {run_loss / 100:.5f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
+            run_loss = 0.0
+    final = assemble_pipeline(out, transformer=ema, text_encoders=(teacher.text_encoder, teacher.text_encoder_2), vae=teacher.vae)
+    final.save_pretrained(out, safe_serialization=True)
+    log(f"saved the guidance-distilled pipeline to {out} ({time.time() - t0:.0f}s)")
+    return losses
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["vae", "flux", "all"], default="all")
+    ap.add_argument("--stage", choices=["vae", "flux", "distill", "all"], default="all")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--vae-steps", type=int, default=1000)
     ap.add_argument("--flux-steps", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flux-lr", type=float, default=1e-3)
-    ap.add_argument("--init", type=Path, default=None, help="continue the flux stage from this pipeline folder")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="flux stage: continue from this pipeline folder; distill stage: the teacher (default: --out)")
+    ap.add_argument("--distill-steps", type=int, default=2000)
+    ap.add_argument("--distill-lr", type=float, default=3e-4)
+    ap.add_argument("--cfg-at-default", type=float, default=2.0,
+                    help="the CFG scale that the pipeline's default guidance 3.5 is distilled from")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logf = open(args.out.parent / f"pretrain_{args.stage}.log", "a")
@@ -175,6 +286,10 @@ def main(argv=None) -> None:
         train_vae(args.out, args.vae_steps, args.batch, args.seed, log)
     if args.stage in ("flux", "all"):
         train_flux(args.out, args.flux_steps, args.batch, args.seed, log, lr=args.flux_lr, init=args.init)
+    if args.stage in ("distill", "all"):
+        teacher = args.out if args.stage == "all" or args.init is None else args.init
+        distill_guidance(args.out, teacher, args.distill_steps, args.batch, args.seed, log, lr=args.distill_lr,
+                         cfg_at_default=args.cfg_at_default)
 
 
 if __name__ == "__main__":
