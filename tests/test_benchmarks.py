@@ -57,3 +57,21 @@ def test_reward_alignment_probe_ascends_the_reward_and_measures_a_lora(tmp_path)
     assert len(rewards) == 3 and rewards[2] > rewards[0], rewards
     drift = [l.split("|") for l in out.read_text().splitlines() if l.startswith(f"| {tmp_path / 'lora'} |")]
     assert len(drift) == 1 and float(drift[0][2]) > 1e-3, drift
+
+
+def test_cfg_sweep_scale_one_is_the_plain_sampling_and_guidance_changes_it():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cfg_sweep
+    finally:
+        sys.path.pop(0)
+    from leapalign import config, evaluation
+    from leapalign.backbones import load_backbone
+
+    backbone = load_backbone(config.load(None, []).model)
+    prompts, seeds = ["a red circle", "a blue square to the left of a green triangle"], [3, 4]
+    plain = evaluation.generate(backbone, prompts, seeds, 6, 32, 32)
+    torch.testing.assert_close(cfg_sweep.cfg_images(backbone, prompts, seeds, 1.0, num_steps=6), plain, rtol=0, atol=1e-5)
+    assert (cfg_sweep.cfg_images(backbone, prompts, seeds, 3.0, num_steps=6) - plain).abs().max() > 1e-2
+    rows = cfg_sweep.main(["--scales", "1", "--seed-sets", "0", "--limit", "6"])
+    assert len(rows) == 1 and 0.0 <= rows[0]["overall"] <= 1.0 and "position" in rows[0]
