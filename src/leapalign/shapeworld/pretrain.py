@@ -83,6 +83,53 @@ def assemble_pipeline(out: Path, transformer=None, text_encoders=None, vae=None)
     )
 
 
+class CaptionedLatents:
+    """n random training scenes as VAE latents, with each scene's caption as token ids of both tokenizers."""
+
+    def __init__(self, pipe, backbone, n: int, seed: int):
+        caps, imgs = make_dataset(n, seed)
+        with torch.no_grad():
+            self.latents = torch.cat([backbone.encode_images(imgs[i : i + 500] / 2 + 0.5) for i in range(0, len(imgs), 500)])
+        vocab = sorted(set(caps)) + [""]
+        cap_index = {c: i for i, c in enumerate(vocab)}
+        self.num_captions = len(vocab)
+        self.empty = cap_index[""]
+        self.cap_ids = torch.tensor([cap_index[c] for c in caps])
+        self.t5_ids = pipe.tokenizer_2(vocab, padding="max_length", max_length=components.T5_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+        self.clip_ids = pipe.tokenizer(vocab, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+
+    def noised_batch(self, batch: int, gen: torch.Generator):
+        """(x0, caption ids with 10% empty, noise, logit-normal sigma, x_sigma) for one flow-matching step."""
+        idx = torch.randint(len(self.latents), (batch,), generator=gen)
+        x0 = self.latents[idx]
+        pidx = torch.where(torch.rand(batch, generator=gen) < 0.1, torch.tensor(self.empty), self.cap_ids[idx])
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        return x0, pidx, noise, sigma, xt
+
+    def conditioning(self, pipe, backbone, pidx: torch.Tensor):
+        """The backbone's conditioning for caption ids, through the pipeline's (trainable or frozen) text encoders."""
+        embeds = pipe.text_encoder_2(self.t5_ids[pidx]).last_hidden_state
+        pooled = pipe.text_encoder(self.clip_ids[pidx]).pooler_output
+        return backbone.conditioning(embeds, pooled)
+
+
+def adamw_cosine(params, lr: float, steps: int, warm: int):
+    """AdamW with linear warm-up then cosine decay to zero (the FLUX and distillation stages)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return opt, sched
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """EMA with a short warm-up of the decay, (step + 1) / (step + 10)."""
+    d = min(decay, (step + 1) / (step + 10))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - d)
+
+
 def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e-3, ema_decay: float = 0.999,
                init: Path | None = None) -> None:
     """Flow matching on VAE latents; the two text encoders train jointly with the transformer.
@@ -102,46 +149,25 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
         pipe = assemble_pipeline(out)
     backbone = FluxBackbone(pipe)
     pipe.vae.requires_grad_(False).eval()
-    caps, imgs = make_dataset(60000, seed + 1)
-    with torch.no_grad():
-        latents = torch.cat([backbone.encode_images(imgs[i : i + 500] / 2 + 0.5) for i in range(0, len(imgs), 500)])
-    del imgs
-    vocab = sorted(set(caps)) + [""]
-    cap_index = {c: i for i, c in enumerate(vocab)}
-    cap_ids = torch.tensor([cap_index[c] for c in caps])
-    t5_ids = pipe.tokenizer_2(vocab, padding="max_length", max_length=components.T5_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    clip_ids = pipe.tokenizer(vocab, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    log(f"flux data: {len(latents)} latents {tuple(latents.shape[1:])}, std {latents.std().item():.3f}, {len(vocab)} captions")
+    data = CaptionedLatents(pipe, backbone, 60000, seed + 1)
+    log(f"flux data: {len(data.latents)} latents {tuple(data.latents.shape[1:])}, std {data.latents.std().item():.3f}, {data.num_captions} captions")
 
     modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]).train()
     params = [p for p in modules.parameters() if p.requires_grad]
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    warm = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt, sched = adamw_cosine(params, lr, steps, warm=200)
     gen = torch.Generator().manual_seed(seed)
-    empty = cap_index[""]
     t0, run_loss = time.time(), 0.0
     for step in range(steps):
-        idx = torch.randint(len(latents), (batch,), generator=gen)
-        x0 = latents[idx]
-        pidx = torch.where(torch.rand(batch, generator=gen) < 0.1, torch.tensor(empty), cap_ids[idx])
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        embeds = pipe.text_encoder_2(t5_ids[pidx]).last_hidden_state
-        pooled = pipe.text_encoder(clip_ids[pidx]).pooler_output
-        v = backbone.velocity(xt, sigma, backbone.conditioning(embeds, pooled))
+        x0, pidx, noise, sigma, xt = data.noised_batch(batch, gen)
+        v = backbone.velocity(xt, sigma, data.conditioning(pipe, backbone, pidx))
         loss = F.mse_loss(v, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            d = min(ema_decay, (step + 1) / (step + 10))
-            for pe, pm in zip(ema.parameters(), modules.parameters()):
-                pe.lerp_(pm, 1 - d)
+        ema_update(ema, modules, step, ema_decay)
         run_loss += loss.item()
         if (step + 1) % 100 == 0 or step == steps - 1:
             log(f"flux step {step + 1}/{steps} loss {run_loss / 100:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
@@ -202,37 +228,20 @@ def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, l
     student = with_guidance_embedding(teacher.transformer).train().requires_grad_(True)
     student_bb = FluxBackbone(teacher)
     student_bb.transformer = student
-    caps, imgs = make_dataset(num_scenes, seed + 2)
-    with torch.no_grad():
-        latents = torch.cat([teacher_bb.encode_images(imgs[i : i + 500] / 2 + 0.5) for i in range(0, len(imgs), 500)])
-    del imgs
-    vocab = sorted(set(caps)) + [""]
-    cap_index = {c: i for i, c in enumerate(vocab)}
-    cap_ids = torch.tensor([cap_index[c] for c in caps])
-    t5_ids = teacher.tokenizer_2(vocab, padding="max_length", max_length=components.T5_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    clip_ids = teacher.tokenizer(vocab, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    empty = cap_index[""]
-    log(f"distill: teacher {init}, {len(latents)} latents, CFG {cfg_at_default} at guidance {PIPELINE_GUIDANCE}, guidance in [1, {max_guidance}]")
+    data = CaptionedLatents(teacher, teacher_bb, num_scenes, seed + 2)
+    log(f"distill: teacher {init}, {len(data.latents)} latents, CFG {cfg_at_default} at guidance {PIPELINE_GUIDANCE}, guidance in [1, {max_guidance}]")
 
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     params = list(student.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    warm = min(100, steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt, sched = adamw_cosine(params, lr, steps, warm=min(100, steps // 10 + 1))
     gen = torch.Generator().manual_seed(seed)
     t0, run_loss, losses = time.time(), 0.0, []
     for step in range(steps):
-        idx = torch.randint(len(latents), (batch,), generator=gen)
-        x0 = latents[idx]
-        pidx = torch.where(torch.rand(batch, generator=gen) < 0.1, torch.tensor(empty), cap_ids[idx])
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(batch, generator=gen))
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        x0, pidx, noise, sigma, xt = data.noised_batch(batch, gen)
         g = 1 + (max_guidance - 1) * torch.rand(batch, generator=gen)
-        both = torch.cat([pidx, torch.full_like(pidx, empty)])
+        both = torch.cat([pidx, torch.full_like(pidx, data.empty)])
         with torch.no_grad():
-            cond = teacher_bb.at_resolution(teacher_bb.conditioning(teacher.text_encoder_2(t5_ids[both]).last_hidden_state,
-                                                                    teacher.text_encoder(clip_ids[both]).pooler_output), 32, 32)
+            cond = teacher_bb.at_resolution(data.conditioning(teacher, teacher_bb, both), 32, 32)
             v_c, v_u = teacher_bb.velocity(torch.cat([xt, xt]), torch.cat([sigma, sigma]), cond).chunk(2)
             w = cfg_scale(g, cfg_at_default)[:, None, None]
             target = v_u + w * (v_c - v_u)
@@ -243,10 +252,7 @@ def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, l
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            d = min(ema_decay, (step + 1) / (step + 10))
-            for pe, pm in zip(ema.parameters(), student.parameters()):
-                pe.lerp_(pm, 1 - d)
+        ema_update(ema, student, step, ema_decay)
         run_loss += loss.item()
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step == steps - 1:
