@@ -75,3 +75,19 @@ def test_cfg_sweep_scale_one_is_the_plain_sampling_and_guidance_changes_it():
     assert (cfg_sweep.cfg_images(backbone, prompts, seeds, 3.0, num_steps=6) - plain).abs().max() > 1e-2
     rows = cfg_sweep.main(["--scales", "1", "--seed-sets", "0", "--limit", "6"])
     assert len(rows) == 1 and 0.0 <= rows[0]["overall"] <= 1.0 and "position" in rows[0]
+
+
+def test_gradient_fidelity_finds_the_exact_gradient_and_tells_a_one_step_surrogate_from_it(tmp_path):
+    """With 4-step rollouts, DRaFT-K at K = 4 is the exact gradient (cosine 1, norm ratio 1); ReFL is not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gradient_fidelity
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "fidelity.md"
+    gradient_fidelity.main(["--batches", "1", "--variants", "draft_k (K=4),refl", "--prompts", "2", "--noises", "2",
+                            "--set", "train.num_steps=4", "--set", "train.batch_size=3", "--out", str(out)])
+    rows = {l.split("|")[1].strip(): l.split("|") for l in out.read_text().splitlines() if l.startswith("| ")}
+    assert float(rows["draft_k (K=4)"][2].split()[0]) > 0.9999 and float(rows["draft_k (K=4)"][3]) == 1.0
+    assert float(rows["refl"][2].split()[0]) < 0.99
+    assert "between two noises of one prompt" in out.read_text()

@@ -125,6 +125,26 @@ def ranking_accuracy(reward: ClipReward, n: int, seed: int) -> dict:
     return {"overall": wins / total, **{k: v[0] / v[1] for k, v in per_tag.items()}}
 
 
+def robust_accuracy(reward: ClipReward, n: int, seed: int, eps: float = 0.03, steps: int = 4) -> float:
+    """How often the true caption still outscores a hard negative after an L-inf `eps` PGD attack on the render
+    that pushes the negative's score above the caption's: what a policy can gain from pixel noise alone."""
+    rng = random.Random(seed)
+    rows = world.prompt_rows("eval")
+    picked = [rows[i % len(rows)] for i in range(n)]
+    prompts = [r["prompt"] for r in picked]
+    negs = [rng.choice(hard_negatives(p, rng)) for p in prompts]
+    x = world.render_batch(prompts, [seed * 100000 + i for i in range(n)])
+    delta = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed))
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        im = (x + delta).clamp(0, 1)
+        (grad,) = torch.autograd.grad((reward(im, negs) - reward(im, prompts)).sum(), delta)
+        delta = (delta.detach() + 0.5 * eps * grad.sign()).clamp(-eps, eps)
+    with torch.no_grad():
+        im = (x + delta).clamp(0, 1)
+        return (reward(im, prompts) > reward(im, negs)).float().mean().item()
+
+
 def augment(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """Imperfections of generated images, so the reward judges those too: a one-pixel shift, slight blur,
     colour gain/offset jitter and pixel noise, each drawn per image.  `x` (B, 3, H, W) in [0, 1]."""
@@ -387,7 +407,9 @@ def main(argv=None) -> None:
         {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
          "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_resize": True, "do_center_crop": True,
          "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3}, indent=2))
-    acc = ranking_accuracy(ClipReward.from_pretrained(args.out), 2000, seed=12345)
+    final = ClipReward.from_pretrained(args.out)
+    acc = ranking_accuracy(final, 2000, seed=12345)
+    acc["robust_eps0.03"] = robust_accuracy(final, 500, seed=12345)
     print("ranking accuracy vs hard negatives:", json.dumps(acc), flush=True)
     (args.out.parent / f"{args.out.name}_accuracy.json").write_text(json.dumps(acc, indent=2))
 
