@@ -120,6 +120,16 @@ def test_resume_continues_the_same_run(tmp_path):
     assert not torch.equal(fresh["p0"], load_file(full / "checkpoints" / "step_4" / "trainable.safetensors")["p0"])
 
 
+def test_periodic_evaluation_is_the_policy_of_that_step(tmp_path):
+    """eval.every=2 of a 4-step run records, in summary["during"], what a 2-step run reports as its final result."""
+    four, _ = _run(tmp_path, "four", "train.steps=4", "eval.every=2", "eval.num_images=4")
+    two, _ = _run(tmp_path, "two", "train.steps=2", "eval.num_images=4")
+    assert [e["step"] for e in four["during"]] == [2] and "during" not in two
+    assert four["during"][0]["reward"] == pytest.approx(two["after"]["reward"], abs=1e-5)
+    assert four["during"][0]["shapeeval"] == two["after"]["shapeeval"]
+    assert four["after"]["reward"] != pytest.approx(two["after"]["reward"], abs=1e-6)
+
+
 @pytest.mark.parametrize("method", ["refl", "draft_lv", "draft_k", "drtune", "alignprop", "flowbp_sparse"])
 def test_every_baseline_raises_the_reward(tmp_path, method):
     """Same short budget as LeapAlign's test above; the reward on the trained prompts goes up."""

@@ -76,7 +76,7 @@ class EvalConfig:
     num_images: int = 0  # 0 = one image per prompt row
     num_steps: int = 28  # FluxPipeline's default
     batch_size: int = 96
-    every: int = 0  # evaluate during training every N steps; 0 = before and after only
+    every: int = 0  # also evaluate every N steps (summary.json "during", tensorboard eval/*); 0 = before and after only
     grid_size: int = 24  # images in the before/after sample grids
 
 

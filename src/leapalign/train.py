@@ -458,7 +458,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         accelerator.wait_for_everyone()
 
     summary = {"method": method.name, "steps": tc.steps, "processes": world, "parallel": "fsdp" if sharded else "ddp"}
-    evals = []
+    evals, during = [], []
     if start == 0:
         before, _ = run_eval("before")
     else:
@@ -565,8 +565,11 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
                 res, _ = run_eval(f"step_{step + 1}")
                 if main:
                     evals.append({"step": step + 1, "reward": res.get("reward", float("nan"))})
+                    during.append({"step": step + 1, **res})
                     if writer is not None:
                         writer.add_scalar("eval/reward", res.get("reward", float("nan")), step + 1)
+                        for name, value in res.get("shapeeval", {}).items():
+                            writer.add_scalar(f"eval/shapeeval_{name}", value, step + 1)
             if tc.save_every and (step + 1) % tc.save_every == 0:
                 save(step + 1, resume_point[1])
     except KeyboardInterrupt:  # no barrier here: the other ranks may be anywhere
@@ -596,6 +599,8 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         return summary
     evals.append({"step": tc.steps, "reward": after.get("reward", float("nan"))})
     summary.update({"before": before, "after": after})
+    if during:
+        summary["during"] = during  # the periodic held-out evaluations (eval.every) of this run
     if guard.skipped:
         summary["skipped_steps"] = guard.skipped
     write_json(out / "summary.json", summary)
