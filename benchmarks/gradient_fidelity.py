@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     def batch():
         prompts = [rows[i]["prompt"] for i in draw_prompts(rows, B, gens["prompts"], tc.balance_tags)]
         traj = rollout(backbone, prompts, N, H, W, noise=backbone.initial_noise(B, H, W, gens["noise"]), keep_velocities=True)
-        r, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale)
+        _, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale)
         return traj, losses, grad
 
     if args.warm:

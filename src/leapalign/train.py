@@ -458,14 +458,13 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         accelerator.wait_for_everyone()
 
     summary = {"method": method.name, "steps": tc.steps, "processes": world, "parallel": "fsdp" if sharded else "ddp"}
-    evals, during = [], []
+    during = []  # the periodic held-out evaluations (eval.every) of this run
     if start == 0:
         before, _ = run_eval("before")
     else:
         before = json.loads((out / "summary_before.json").read_text()) if main else {}
     if main:
         write_json(out / "summary_before.json", before)
-        evals = [{"step": start, "reward": before.get("reward", float("nan"))}] if start == 0 else []
     accelerator.wait_for_everyone()
 
     metrics_path = out / "metrics.jsonl"
@@ -564,7 +563,6 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
             if ec.every and (step + 1) % ec.every == 0 and step + 1 < tc.steps:
                 res, _ = run_eval(f"step_{step + 1}")
                 if main:
-                    evals.append({"step": step + 1, "reward": res.get("reward", float("nan"))})
                     during.append({"step": step + 1, **res})
                     if writer is not None:
                         writer.add_scalar("eval/reward", res.get("reward", float("nan")), step + 1)
@@ -597,14 +595,15 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     accelerator.wait_for_everyone()
     if not main:
         return summary
-    evals.append({"step": tc.steps, "reward": after.get("reward", float("nan"))})
     summary.update({"before": before, "after": after})
     if during:
-        summary["during"] = during  # the periodic held-out evaluations (eval.every) of this run
+        summary["during"] = during
     if guard.skipped:
         summary["skipped_steps"] = guard.skipped
     write_json(out / "summary.json", summary)
-    plot_curve([m for m in metrics if "skipped" not in m], out / "reward_curve.png", evals)
+    evals = ([{"step": 0, **before}] if start == 0 else []) + during + [{"step": tc.steps, **after}]
+    plot_curve([m for m in metrics if "skipped" not in m], out / "reward_curve.png",
+               [{"step": e["step"], "reward": e.get("reward", float("nan"))} for e in evals])
     if writer is not None:
         writer.close()
     return summary

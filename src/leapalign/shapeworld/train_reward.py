@@ -134,14 +134,8 @@ def robust_accuracy(reward: ClipReward, n: int, seed: int, eps: float = 0.03, st
     prompts = [r["prompt"] for r in picked]
     negs = [rng.choice(hard_negatives(p, rng)) for p in prompts]
     x = world.render_batch(prompts, [seed * 100000 + i for i in range(n)])
-    delta = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed))
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        im = (x + delta).clamp(0, 1)
-        (grad,) = torch.autograd.grad((reward(im, negs) - reward(im, prompts)).sum(), delta)
-        delta = (delta.detach() + 0.5 * eps * grad.sign()).clamp(-eps, eps)
+    im = pgd(x, lambda im: (reward(im, negs) - reward(im, prompts)).sum(), eps, steps, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        im = (x + delta).clamp(0, 1)
         return (reward(im, prompts) > reward(im, negs)).float().mean().item()
 
 
@@ -168,19 +162,25 @@ def augment(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     return (x * gain + offset + noise).clamp(0, 1)
 
 
+def pgd(x: torch.Tensor, loss_fn, eps: float, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """L-inf PGD: from a uniform start within eps, `steps` signed-gradient steps of 0.5 eps that raise
+    `loss_fn(images)`, every pixel kept within eps of `x` and the images within [0, 1]."""
+    delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn((x + delta).clamp(0, 1)), delta)
+        delta = (delta.detach() + 0.5 * eps * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1)
+
+
 def adversarial_images(model, pre, x: torch.Tensor, loss_fn, eps: float, steps: int) -> torch.Tensor:
     """PGD in L-inf: perturb every image (within eps) to raise `loss_fn(image embeddings)`, the training loss.
 
     The caption's own image is pushed towards other captions and its hard-negative renders towards the caption.
     Training on these makes the reward robust, so that it cannot be raised by a small pixel change and its
     gradient has to change shapes, colours and places (robust models have perceptually aligned gradients)."""
-    delta = torch.empty_like(x).uniform_(-eps, eps)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        v = F.normalize(model.get_image_features(pixel_values=pre((x + delta).clamp(0, 1))).pooler_output, dim=-1)
-        (grad,) = torch.autograd.grad(loss_fn(v), delta)
-        delta = (delta.detach() + 0.5 * eps * grad.sign()).clamp(-eps, eps)
-    return (x + delta).clamp(0, 1)
+    return pgd(x, lambda im: loss_fn(F.normalize(model.get_image_features(pixel_values=pre(im)).pooler_output, dim=-1)),
+               eps, steps)
 
 
 def negative_images(cap: str, objs: list, negs: list[str], count: int, rng: random.Random) -> list[np.ndarray]:
