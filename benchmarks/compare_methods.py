@@ -2,7 +2,8 @@
 
 Each (variant, seed) is one `leapalign train` run in its own process (so its peak memory is its
 own), all with the demo's settings unless overridden.  Writes `methods.md` (mean +/- std over
-seeds of ShapeScore and ShapeEval after training, seconds per iteration, peak memory) and
+seeds of the held-out training reward and every judge after training, ShapeEval per tag, seconds per
+iteration, peak memory) and
 `methods.png` (reward versus iteration and versus wall-clock, bands over seeds).
 
     python benchmarks/compare_methods.py                     # all methods and ablations, 3 seeds
@@ -74,21 +75,27 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 
 def table(runs: list[dict], command: str) -> str:
+    """Mean ± std over seeds after training: the held-out training reward, every judge, ShapeEval per tag."""
+    from leapalign.judges import headline
+
     variants = list(dict.fromkeys(r["variant"] for r in runs))
-    base = runs[0]["summary"]["before"]
+    base, name = runs[0]["summary"]["before"], runs[0]["summary"].get("reward", "reward")
+    judges = list(base.get("judges", {}))
+    per_tag = "shapeeval" in judges
+    before = ", ".join([f"{name} {base['reward']:.3f}"] + [f"{j} {headline(base['judges'][j]):.3f}" for j in judges])
     lines = ["# Methods compared on ShapeWorld", "", f"Command: `{command}`", "",
-             f"Base model before training: ShapeScore {base['reward']:.3f}, ShapeEval overall {base['shapeeval']['overall']:.3f}, "
-             f"position {base['shapeeval']['position']:.3f}.  Values after training, mean ± std over seeds "
+             f"Base model before training (held-out): {before}.  Values after training, mean ± std over seeds "
              f"({len({r['seed'] for r in runs})} seeds); s/iter and peak RSS are per training iteration on this machine.", "",
-             "| method | ShapeScore | ShapeEval overall | " + " | ".join(TAGS) + " | s/iter | peak MB |",
-             "|---|" + "---|" * (len(TAGS) + 4)]
+             f"| method | {name} | " + " | ".join(judges) + (" | " + " | ".join(TAGS) if per_tag else "") + " | s/iter | peak MB |",
+             "|---|" + "---|" * (len(judges) + (len(TAGS) if per_tag else 0) + 3)]
     for v in variants:
         rs = [r for r in runs if r["variant"] == v]
         after = [r["summary"]["after"] for r in rs]
         secs = [np.mean([m["seconds"] for m in r["metrics"]]) for r in rs]
         peak = max(max(m["peak_memory_mb"] for m in r["metrics"]) for r in rs)
-        cells = [fmt([a["reward"] for a in after]), fmt([a["shapeeval"]["overall"] for a in after], 2)]
-        cells += [fmt([a["shapeeval"][t] for a in after], 2) for t in TAGS]
+        cells = [fmt([a["reward"] for a in after])] + [fmt([headline(a["judges"][j]) for a in after]) for j in judges]
+        if per_tag:
+            cells += [fmt([a["judges"]["shapeeval"][t] for a in after], 2) for t in TAGS]
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean(secs):.2f} | {peak:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -115,7 +122,7 @@ def plot(runs: list[dict], path: Path) -> None:
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("wall-clock seconds")
     for ax in axes:
-        ax.set_ylabel("training reward (ShapeScore, moving average)")
+        ax.set_ylabel("training reward (moving average)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -151,11 +158,13 @@ def main(argv=None) -> None:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
 
+    from leapalign.judges import headline
+
     def one(job):
         r = run_one(*job, work, extra, in_process=args.quick, threads=threads)
         a = r["summary"]["after"]
-        print(f"{r['variant']:20s} seed {r['seed']}: ShapeScore {a['reward']:.3f}  ShapeEval {a['shapeeval']['overall']:.3f}  "
-              f"position {a['shapeeval']['position']:.3f}", flush=True)
+        judged = "  ".join(f"{n} {headline(v):.3f}" for n, v in a.get("judges", {}).items())
+        print(f"{r['variant']:20s} seed {r['seed']}: reward {a['reward']:.3f}  {judged}", flush=True)
         return r
 
     jobs = [(v, s) for v in variants for s in seeds]

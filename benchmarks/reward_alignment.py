@@ -9,7 +9,7 @@ Two measurements on base samples of the `eval` prompts (the pipeline's 28 steps,
 2. Policy drift (`--loras`, judged with the first of `--rewards`): how far a trained LoRA moved the same
    samples (RMS over latent elements) and the cosine of that move with the reward's gradient at the base sample.
 
-    python benchmarks/reward_alignment.py --rewards shipped --loras runs/demo/lora   # -> results/reward_alignment.md
+    python benchmarks/reward_alignment.py --rewards shapematch shapescore --loras runs/demo/lora   # -> results/reward_alignment.md
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 
 from leapalign import config, evaluation, shapeworld
 from leapalign.backbones import load_backbone
+from leapalign.rewards import BUILTIN, load_reward
 from leapalign.shapeworld.shapeeval import check
 
 TAGS = list(shapeworld.TAGS)
@@ -67,7 +68,8 @@ def probe(backbone, reward, lat, prompts, tags, checkpoints: list[int]) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rewards", nargs="+", default=["shipped"], help="ShapeScore folders ('shipped' = the shipped one)")
+    ap.add_argument("--rewards", nargs="+", default=["shapematch", "shapescore"],
+                    help="built-in reward names (shapematch, shapescore) or ShapeScore folders")
     ap.add_argument("--loras", nargs="*", default=[], help="LoRA folders of trained policies (e.g. runs/demo/lora)")
     ap.add_argument("--seeds", type=int, default=2, help="seed sets of the eval prompts (the rows' seeds + 1000 s)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: 12 prompts, 2 ascent steps")
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
     seeds = [r["seed"] + 1000 * s for s in range(args.seeds) for r in rows]
     tags = [shapeworld.parse(p).tag for p in prompts]
     checkpoints = [0, 1, 2] if args.quick else [0, 10, 20, 30]
-    rewards = {d: shapeworld.load_reward(None if d == "shipped" else d) for d in args.rewards}
+    rewards = {d: load_reward(d) if d in BUILTIN else shapeworld.load_reward(d) for d in args.rewards}
     lat = base_samples(backbone, prompts, seeds)
 
     cols = ["reward", "overall", *TAGS]

@@ -52,7 +52,7 @@ def test_reward_alignment_probe_ascends_the_reward_and_measures_a_lora(tmp_path)
         sys.path.pop(0)
     out = tmp_path / "alignment.md"
     reward_alignment.main(["--quick", "--seeds", "1", "--loras", str(tmp_path / "lora"), "--out", str(out)])
-    rows = [l.split("|") for l in out.read_text().splitlines() if l.startswith("| shipped |")]
+    rows = [l.split("|") for l in out.read_text().splitlines() if l.startswith("| shapematch |")]
     rewards = [float(r[4]) for r in rows]  # ascent steps 0, 1, 2
     assert len(rewards) == 3 and rewards[2] > rewards[0], rewards
     drift = [l.split("|") for l in out.read_text().splitlines() if l.startswith(f"| {tmp_path / 'lora'} |")]

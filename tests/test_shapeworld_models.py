@@ -104,7 +104,7 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["num_images"] == 12 and set(data["scores"]) == {"shapescore", f"{user}:redness"}
-    assert set(data["shapeeval"]) >= {"overall", "single_object"}
+    assert set(data["judges"]["shapeeval"]) >= {"overall", "single_object"}
     assert len(data["per_prompt"]) == 12
     for name, mean in data["scores"].items():
         assert mean == pytest.approx(sum(row[name] for row in data["per_prompt"]) / 12, abs=1e-6)

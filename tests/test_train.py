@@ -126,7 +126,7 @@ def test_periodic_evaluation_is_the_policy_of_that_step(tmp_path):
     two, _ = _run(tmp_path, "two", "train.steps=2", "eval.num_images=4")
     assert [e["step"] for e in four["during"]] == [2] and "during" not in two
     assert four["during"][0]["reward"] == pytest.approx(two["after"]["reward"], abs=1e-5)
-    assert four["during"][0]["shapeeval"] == two["after"]["shapeeval"]
+    assert four["during"][0]["judges"] == two["after"]["judges"]
     assert four["after"]["reward"] != pytest.approx(two["after"]["reward"], abs=1e-6)
 
 

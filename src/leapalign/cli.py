@@ -74,13 +74,23 @@ def _demo(args) -> None:
 
 
 def _print_summary(summary: dict, out: str) -> None:
+    """The before/after table: the training reward on the held-out prompts, then every judge (a checker's parts indented)."""
+    from .judges import headline
+
     b, a = summary["before"], summary["after"]
     print(f"\n{summary['method']}, {summary['steps']} steps -> {out}")
-    print(f"{'':16s}{'before':>10s}{'after':>10s}")
+    print(f"{'held-out':24s}{'before':>10s}{'after':>10s}")
     if "reward" in b:
-        print(f"{'reward':16s}{b['reward']:10.4f}{a['reward']:10.4f}")
-    for tag, v in b.get("shapeeval", {}).items():
-        print(f"{'shapeeval ' + tag if tag == 'overall' else '  ' + tag:16s}{v:10.3f}{a['shapeeval'][tag]:10.3f}")
+        print(f"{'reward ' + summary.get('reward', ''):24s}{b['reward']:10.4f}{a['reward']:10.4f}")
+    for name, value in b.get("judges", {}).items():
+        after = a["judges"][name]
+        print(f"{'judge ' + name:24s}{headline(value):10.4f}{headline(after):10.4f}")
+        if isinstance(value, dict):
+            for part, v in value.items():
+                if part != "overall":
+                    print(f"{'  ' + part:24s}{v:10.3f}{after[part]:10.3f}")
+    for line in summary.get("hack_warnings", []):
+        print(line)
 
 
 def _eval(args) -> None:
@@ -89,6 +99,7 @@ def _eval(args) -> None:
     from .backbones import load_backbone
     from .config import ModelConfig
     from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
+    from .judges import Judges, default_judges, headline
     from .rewards import load_reward
 
     mc = ModelConfig(path=args.model or "shapeworld", height=args.height, width=args.width, guidance_scale=args.guidance_scale,
@@ -98,6 +109,8 @@ def _eval(args) -> None:
         raise UserError(f"LoRA path {args.lora} does not exist")
     names = [n.strip() for n in args.rewards.split(",") if n.strip()] if args.rewards else []
     rewards = {name: load_reward(name) for name in names}  # every name is checked before any sampling
+    judge_names = [n.strip() for n in args.judges.split(",") if n.strip()] if args.judges is not None else default_judges(args.prompts)
+    judges = Judges([n for n in judge_names if n not in rewards])
     out = Path(args.output)
     backbone = load_backbone(mc, "cuda" if torch.cuda.is_available() else "cpu")
     if args.lora:
@@ -107,8 +120,9 @@ def _eval(args) -> None:
             raise UserError(f"could not load the LoRA at {args.lora}: {str(e).splitlines()[0]}") from None
     for fn in rewards.values():
         fn.to(backbone.device)
+    judges.to(backbone.device)
     res, images = evaluate_model(backbone, rewards or None, rows, args.num_steps, mc.height, mc.width, args.batch_size, args.num_images,
-                                 progress=True)
+                                 progress=True, judges=judges)
     rows = spread(rows, args.num_images) if args.num_images else rows
     prompts = [r["prompt"] for r in rows]
     per_image = res.pop("per_image", {})
@@ -119,8 +133,8 @@ def _eval(args) -> None:
     write_json(out, res)
     pick = spread(list(range(len(images))), 24)
     save_grid(images[pick], [prompts[i] for i in pick], out.with_suffix(".png"), title=str(args.model or "shapeworld base") + (f" + {args.lora}" if args.lora else ""))
-    means = " ".join(f"{k} {v:.4f}" for k, v in res.get("scores", {}).items())
-    print(f"wrote {out}: {means} " + (f"ShapeEval overall {res['shapeeval']['overall']:.3f}" if "shapeeval" in res else ""))
+    means = " ".join(f"{k} {v:.4f}" for k, v in {**res.get("scores", {}), **{n: headline(v) for n, v in res.get("judges", {}).items()}}.items())
+    print(f"wrote {out}: {means}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="diffusers pipeline folder (default: the shipped ShapeWorld base)")
     e.add_argument("--lora", default=None, help="LoRA folder saved by `leapalign train`")
     e.add_argument("--prompts", default="shapeworld:eval", help="shapeworld:eval, shapeworld:train or a text file")
-    e.add_argument("--rewards", "--reward", default="shapescore",
+    e.add_argument("--rewards", "--reward", default="shapematch,shapescore",
                    help="comma-separated rewards to score with, each a built-in name or module:callable (e.g. hpsv2.1,pickscore)")
+    e.add_argument("--judges", default=None,
+                   help="comma-separated judges (checkers such as shapeeval, or rewards); default: the prompt set's (ShapeWorld: shapeeval)")
     e.add_argument("--output", required=True, help="JSON file to write (an image grid goes next to it as .png)")
     e.add_argument("--num-steps", type=int, default=28)
     e.add_argument("--num-images", type=int, default=0, help="only the first N prompt rows (0 = all)")

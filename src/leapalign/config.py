@@ -77,6 +77,11 @@ class EvalConfig:
     num_steps: int = 28  # FluxPipeline's default
     batch_size: int = 96
     every: int = 0  # also evaluate every N steps (summary.json "during", tensorboard eval/*); 0 = before and after only
+    # never trained on, evaluated with the reward: checkers (shapeeval) or any reward name; None = the prompt set's
+    # defaults (ShapeWorld: shapeeval, shapescore), [] = none
+    judges: list[str] | None = None
+    hack_margin: float = 0.02  # warn when the held-out reward keeps rising while a judge falls by more than this
+    stop_on_hack: bool = False  # ... and then stop, keeping the weights of the evaluation where the first judge was best
     grid_size: int = 24  # images in the before/after sample grids
 
 

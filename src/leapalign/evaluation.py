@@ -62,11 +62,11 @@ def generate(backbone, prompts: list[str], seeds: list[int], num_steps: int, hei
 
 
 @torch.no_grad()
-def score(images: torch.Tensor, prompts: list[str], reward=None, use_shapeeval: bool = True) -> dict:
-    """{"reward": mean, "rewards": per image, "shapeeval": {...}} for whatever applies.
+def score(images: torch.Tensor, prompts: list[str], reward=None, judges=None) -> dict:
+    """{"reward": mean, "rewards": per image, "judges": {name: value}} for whatever applies.
 
     `reward` is one reward or a dict {name: reward}; with a dict, "reward"/"rewards" are the
-    first one's and "scores" / "per_image" hold every one by name.
+    first one's and "scores" / "per_image" hold every one by name.  `judges`: a `judges.Judges`.
     """
     result: dict = {"num_images": len(prompts)}
     named = reward if isinstance(reward, dict) else ({"reward": reward} if reward is not None else {})
@@ -77,22 +77,9 @@ def score(images: torch.Tensor, prompts: list[str], reward=None, use_shapeeval: 
         if isinstance(reward, dict):
             result.setdefault("scores", {})[name] = r.mean().item()
             result.setdefault("per_image", {})[name] = r.tolist()
-    if use_shapeeval:
-        from .shapeworld import evaluate
-
-        result["shapeeval"] = evaluate(images, prompts)
+    if judges is not None and judges.fns:
+        result["judges"] = judges(images, prompts)
     return result
-
-
-def is_shapeworld(prompts: list[str]) -> bool:
-    from .shapeworld import parse
-
-    try:
-        for p in prompts:
-            parse(p)
-    except ValueError:
-        return False
-    return True
 
 
 def spread(items: list, n: int) -> list:
@@ -103,11 +90,11 @@ def spread(items: list, n: int) -> list:
 
 
 def evaluate_model(backbone, reward, rows: list[dict], num_steps: int, height: int, width: int, batch_size: int = 96,
-                   num_images: int = 0, progress: bool = False) -> tuple[dict, torch.Tensor]:
+                   num_images: int = 0, progress: bool = False, judges=None) -> tuple[dict, torch.Tensor]:
     rows = spread(rows, num_images) if num_images else rows
     prompts = [r["prompt"] for r in rows]
     images = generate(backbone, prompts, [r["seed"] for r in rows], num_steps, height, width, batch_size, progress)
-    return score(images, prompts, reward, use_shapeeval=is_shapeworld(prompts)), images
+    return score(images, prompts, reward, judges), images
 
 
 def save_grid(images: torch.Tensor, prompts: list[str], path: Path, title: str = "", cols: int = 6) -> None:

@@ -18,6 +18,7 @@ from . import config as config_mod
 from .backbones import check_model_path, load_backbone
 from .errors import UserError
 from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
+from .judges import HackWatch, Judges, default_judges, headline
 from .methods import build_method
 from .rewards import load_reward
 from .rollout import rollout
@@ -226,23 +227,34 @@ def save_transformer(backbone, directory: Path, write: bool = True) -> None:
 
 
 def plot_curve(metrics: list[dict], path: Path, evals: list[dict]) -> None:
+    """The training reward per step and its held-out value, and beside it every judge at each evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    judge_names = list(evals[0].get("judges", {})) if evals else []
+    fig, axes = plt.subplots(1, 2 if judge_names else 1, figsize=(11 if judge_names else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     steps = [m["step"] for m in metrics]
     r = np.array([m["reward"] for m in metrics])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, r, alpha=0.35, label="train reward (batch mean)")
     if len(r) >= 5:
         k = max(2, len(r) // 10)
         ax.plot(steps[k - 1 :], np.convolve(r, np.ones(k) / k, mode="valid"), label=f"moving average ({k})")
     if evals:
-        ax.plot([e["step"] for e in evals], [e["reward"] for e in evals], "o-", label="held-out reward")
+        ax.plot([e["step"] for e in evals], [e.get("reward", float("nan")) for e in evals], "o-", label="held-out reward")
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)
+    if judge_names:
+        jx = axes[0, 1]
+        for name in judge_names:
+            pts = [(e["step"], headline(e["judges"][name])) for e in evals if name in e.get("judges", {})]
+            jx.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        jx.set_xlabel("step")
+        jx.set_ylabel("judge (held-out, never trained on)")
+        jx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -388,6 +400,8 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     if tc.text_cache == "cpu":
         backbone.offload_text()
     reward = load_reward(cfg.reward.fn, cfg.reward.path).to(device)
+    reward_name = cfg.reward.fn if isinstance(cfg.reward.fn, str) else reward.name
+    judges = Judges(ec.judges if ec.judges is not None else default_judges(ec.prompts), exclude=reward_name).to(device)
     train_rows = load_prompt_rows(tc.prompts)
     eval_rows = load_prompt_rows(ec.prompts)
     H, W = cfg.model.height, cfg.model.width
@@ -432,24 +446,42 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
 
         writer = SummaryWriter(str(out / "tensorboard"))
 
-    def run_eval(tag: str) -> tuple[dict, torch.Tensor]:
-        """Every rank samples (a sharded model needs all of them); the main one writes the grid."""
+    def run_eval(tag: str) -> dict:
+        """Every rank samples (a sharded model needs all of them) and scores; the main one writes the grid."""
         if ema is not None:
             swap_ema()
-        res, imgs = evaluate_model(backbone, reward, eval_rows, ec.num_steps, H, W, ec.batch_size, ec.num_images)
+        res, imgs = evaluate_model(backbone, reward, eval_rows, ec.num_steps, H, W, ec.batch_size, ec.num_images, judges=judges)
         if sharded:
             from .distributed import reshard
 
             reshard(backbone.transformer)
         if ema is not None:
             swap_ema()
-        if not main:
-            return {}, imgs
-        evaluated = spread(eval_rows, ec.num_images) if ec.num_images else eval_rows
-        pick = spread(list(range(len(imgs))), ec.grid_size)
-        save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], out / "samples" / f"{tag}.png",
-                  title=f"{tag}: reward {res.get('reward', float('nan')):.3f}" + (f", ShapeEval {res['shapeeval']['overall']:.2f}" if "shapeeval" in res else ""))
-        return {k: v for k, v in res.items() if k not in ("rewards", "per_image")}, imgs
+        res = {k: v for k, v in res.items() if k not in ("rewards", "per_image")}
+        if main:
+            evaluated = spread(eval_rows, ec.num_images) if ec.num_images else eval_rows
+            pick = spread(list(range(len(imgs))), ec.grid_size)
+            title = ", ".join([f"{tag}: {reward_name} {res.get('reward', float('nan')):.3f}"] +
+                              [f"{n} {headline(v):.3f}" for n, v in res.get("judges", {}).items()])
+            save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], out / "samples" / f"{tag}.png", title=title)
+        return res
+
+    def judged(step_done: int, res: dict, final: bool = False) -> bool:
+        """Log an evaluation, keep the best weights (eval.stop_on_hack) and watch for hacking; True = stop the run."""
+        if writer is not None:
+            writer.add_scalar("eval/reward", res.get("reward", float("nan")), step_done)
+            for name, value in res.get("judges", {}).items():
+                for part, v in (value.items() if isinstance(value, dict) else [("", value)]):
+                    writer.add_scalar(f"eval/{name}" + (f"_{part}" if part and part != "overall" else ""), v, step_done)
+        first = next(iter(res.get("judges", {}).values()), None)
+        if ec.stop_on_hack and first is not None and (best["value"] is None or headline(first) > best["value"]):
+            best.update(value=headline(first), step=step_done, params=[p.detach().clone() for p in params],
+                        ema=[t.clone() for t in ema.shadow] if ema is not None else None)
+        lines = watch.update(step_done, res, final)
+        for line in lines:
+            say(line)
+        hack_warnings.extend(lines)
+        return bool(lines) and ec.stop_on_hack
 
     def save(step_done: int, rng: dict) -> None:
         """Every rank joins (sharded tensors are gathered); the main one writes."""
@@ -457,12 +489,13 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         ckpt.save(out / "checkpoints", step_done, params, optimizer, ema, rng, config_text, tc.keep_last_n, write=main)
         accelerator.wait_for_everyone()
 
-    summary = {"method": method.name, "steps": tc.steps, "processes": world, "parallel": "fsdp" if sharded else "ddp"}
+    summary = {"method": method.name, "reward": reward_name, "steps": tc.steps, "processes": world, "parallel": "fsdp" if sharded else "ddp"}
     during = []  # the periodic held-out evaluations (eval.every) of this run
+    watch, hack_warnings, best = HackWatch(ec.hack_margin), [], {"value": None}
     if start == 0:
-        before, _ = run_eval("before")
+        before = run_eval("before")
     else:
-        before = json.loads((out / "summary_before.json").read_text()) if main else {}
+        before = json.loads((out / "summary_before.json").read_text())
     if main:
         write_json(out / "summary_before.json", before)
     accelerator.wait_for_everyone()
@@ -483,6 +516,11 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         bar = tqdm(bar, desc=f"{method.name}", initial=start, total=tc.steps)
     say = (bar.write if progress else print) if main else (lambda message: None)  # one voice, not one per rank
     guard = Guard(tc.max_bad_steps, say)
+    if start == 0:
+        judged(0, before)
+    else:  # resumed: the watch starts from `before`, nothing to log again
+        watch.update(0, before)
+    stopped_at = None
     resume_point = (start, ckpt.capture_rng(gens))  # what Ctrl-C saves: the state after the last finished step
     backbone.transformer.train()
     try:
@@ -561,13 +599,11 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
             if progress:
                 bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['loss']:.3f}")
             if ec.every and (step + 1) % ec.every == 0 and step + 1 < tc.steps:
-                res, _ = run_eval(f"step_{step + 1}")
-                if main:
-                    during.append({"step": step + 1, **res})
-                    if writer is not None:
-                        writer.add_scalar("eval/reward", res.get("reward", float("nan")), step + 1)
-                        for name, value in res.get("shapeeval", {}).items():
-                            writer.add_scalar(f"eval/shapeeval_{name}", value, step + 1)
+                res = run_eval(f"step_{step + 1}")
+                during.append({"step": step + 1, **res})
+                if judged(step + 1, res):
+                    stopped_at = step + 1
+                    break
             if tc.save_every and (step + 1) % tc.save_every == 0:
                 save(step + 1, resume_point[1])
     except KeyboardInterrupt:  # no barrier here: the other ranks may be anywhere
@@ -581,9 +617,21 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         raise
     metrics_file.close()
     backbone.transformer.eval()
-    save(tc.steps, resume_point[1])
+    save(resume_point[0], resume_point[1])
+    if stopped_at is not None:  # eval.stop_on_hack: back to the weights where the first judge was best
+        with torch.no_grad():
+            for p, b in zip(params, best["params"]):
+                p.copy_(b)
+            if ema is not None:
+                for s_, b in zip(ema.shadow, best["ema"]):
+                    s_.copy_(b)
+        master.to_model()
+        say(f"stopped at step {stopped_at} (eval.stop_on_hack); kept the weights of step {best['step']}, where the first judge was best")
+        summary.update(stopped_at=stopped_at, kept_step=best["step"])
 
-    after, _ = run_eval("after")
+    after = run_eval("after")
+    if stopped_at is None:
+        judged(tc.steps, after, final=True)
     if ema is not None:
         swap_ema()
     if tc.finetune == "lora":
@@ -598,12 +646,13 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     summary.update({"before": before, "after": after})
     if during:
         summary["during"] = during
+    if hack_warnings:
+        summary["hack_warnings"] = hack_warnings
     if guard.skipped:
         summary["skipped_steps"] = guard.skipped
     write_json(out / "summary.json", summary)
-    evals = ([{"step": 0, **before}] if start == 0 else []) + during + [{"step": tc.steps, **after}]
-    plot_curve([m for m in metrics if "skipped" not in m], out / "reward_curve.png",
-               [{"step": e["step"], "reward": e.get("reward", float("nan"))} for e in evals])
+    evals = ([{"step": 0, **before}] if start == 0 else []) + during + [{"step": stopped_at or tc.steps, **after}]
+    plot_curve([m for m in metrics if "skipped" not in m], out / "reward_curve.png", evals)
     if writer is not None:
         writer.close()
     return summary

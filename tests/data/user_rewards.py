@@ -28,3 +28,8 @@ def nan_when_training(images, prompts):
     """Finite in the no-gradient preflight and evaluations, NaN on every training sample."""
     r = images.flatten(1).mean(1)
     return r * float("nan") if images.requires_grad else r
+
+
+def not_red(images, prompts):
+    """The opposite of `redness`: a judge that falls exactly as a run trained on redness hacks its way up."""
+    return -redness(images, prompts)

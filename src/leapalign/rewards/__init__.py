@@ -30,6 +30,12 @@ def _shapescore(path: str | None = None) -> RewardFn:
     return load_reward(path)
 
 
+def _shapematch(path: str | None = None) -> RewardFn:
+    from ..shapeworld.shapematch import load_shapematch
+
+    return load_shapematch(path)
+
+
 def _builtin(factory: str, name: str, path: str | None = None) -> RewardFn:
     from . import builtin
 
@@ -38,6 +44,7 @@ def _builtin(factory: str, name: str, path: str | None = None) -> RewardFn:
 
 BUILTIN: dict[str, Callable[..., RewardFn]] = {
     "shapescore": _shapescore,
+    "shapematch": _shapematch,
     "hpsv2": partial(_builtin, "hpsv2", "hpsv2"),
     "hpsv2.1": partial(_builtin, "hpsv2", "hpsv2.1"),
     "pickscore": partial(_builtin, "pickscore", "pickscore"),
