@@ -53,7 +53,7 @@ def _train(tmp_path, model_dir, *overrides):
     cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:redness",
                              f"output.dir={tmp_path / 'run'}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
                              "train.steps=10", "train.batch_size=4", "train.num_steps=4", "train.lr=3e-2", "eval.num_steps=4",
-                             "eval.grid_size=4", "output.tensorboard=false", "train.anchor=0", *overrides])
+                             "eval.grid_size=4", "output.tensorboard=false", "train.anchor=0", "train.ema=null", *overrides])
     return train(cfg, progress=False), tmp_path / "run", cfg
 
 

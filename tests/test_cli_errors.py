@@ -130,3 +130,15 @@ def test_existing_output_dir_is_refused(tmp_path):
     proc = run_cli("train", "--config", str(PRESET), "--set", f"output.dir={out}")
     assert_one_line_error(proc, "already exists")
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_demo_trains_a_few_steps_and_prints_the_reward_and_both_judges(tmp_path):
+    """`leapalign demo` as a user runs it, shortened: the table shows the training reward and both ShapeWorld judges."""
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--steps", "2", "--output-dir", str(out), "--set", "train.batch_size=2", "--set", "train.num_steps=4",
+                   "--set", "eval.num_images=6", "--set", "eval.num_steps=4", "--set", "eval.grid_size=6")
+    assert proc.returncode == 0, proc.stderr
+    for line in ("reward shapematch", "judge shapeeval", "  position", "judge shapescore"):
+        assert line in proc.stdout, proc.stdout
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["reward"] == "shapematch" and set(summary["after"]["judges"]) == {"shapeeval", "shapescore"}

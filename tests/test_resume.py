@@ -155,7 +155,7 @@ def test_resume_refuses_a_changed_config_and_allows_harmless_changes(tmp_path, m
 
 def test_a_checkpoint_from_before_a_new_key_resumes_only_as_it_ran(tmp_path, model_dir):
     """A checkpoint written before train.anchor existed (no key, no anchor generator) ran without the anchor:
-    resuming under the new default (30) is refused naming the key, and with train.anchor=0 it resumes exactly."""
+    resuming with an anchor is refused naming the key, and with train.anchor=0 (the default) it resumes exactly."""
     train_mod.train(_cfg(tmp_path, model_dir, "full", "train.anchor=0"), progress=False)
     train_mod.train(_cfg(tmp_path, model_dir, "old", "train.steps=2", "train.anchor=0"), progress=False)
     step = tmp_path / "old" / "checkpoints" / "step_2"
@@ -166,7 +166,7 @@ def test_a_checkpoint_from_before_a_new_key_resumes_only_as_it_ran(tmp_path, mod
     del state["rng"]["generators"]["anchor"]
     torch.save(state, step / "state.pt")
     with pytest.raises(UserError, match=r"train.anchor: 0.0 -> 30.0"):
-        train_mod.train(_cfg(tmp_path, model_dir, "old"), resume="latest", progress=False)
+        train_mod.train(_cfg(tmp_path, model_dir, "old", "train.anchor=30"), resume="latest", progress=False)
     with pytest.warns(UserWarning, match="train.steps: 2 -> 4"):
         train_mod.train(_cfg(tmp_path, model_dir, "old", "train.anchor=0"), resume="latest", progress=False)
     _assert_same_run(tmp_path / "full", tmp_path / "old")

@@ -48,7 +48,8 @@ def _run(tmp_path, name, *overrides):
     eval_prompts.write_text("\n".join(EVAL_PROMPTS) + "\n")  # seeds are the line numbers
     cfg = config.load(None, [f"output.dir={tmp_path / name}", f"train.prompts={prompts}", f"eval.prompts={eval_prompts}",
                              "train.batch_size=6", "train.num_steps=8", "train.lr=1e-3", "eval.num_steps=8", "eval.grid_size=6",
-                             "output.tensorboard=false", *overrides])
+                             "output.tensorboard=false", "reward.fn=shapescore", "train.anchor=30", "train.ema=null", "eval.every=0",
+                             "eval.judges=[shapeeval]", *overrides])
     return train(cfg, progress=False), tmp_path / name
 
 

@@ -33,7 +33,7 @@ class ModelConfig:
 class RewardConfig:
     # a built-in name, "module.path:callable", "path/to/file.py:callable", or weights of several:
     # {hpsv2.1: 1.0, pickscore: 0.5} (each component is logged as reward/<name>)
-    fn: str | dict[str, float] = "shapescore"
+    fn: str | dict[str, float] = "shapematch"
     lam: float = 1.0  # hinge: loss = max(0, lam - reward) * scale
     scale: float = 1.0
     path: str | None = None  # weights folder of a built-in reward (default: the shipped one)
@@ -45,18 +45,18 @@ class TrainConfig:
     batch_size: int = 16
     num_steps: int = 16  # rollout length
     prompts: str = "shapeworld:train"  # "shapeworld:train|eval" or a text file, one prompt a line
-    anchor: float = 30.0  # velocity anchor beta * ||v - v_base||^2 at one rollout state per step: a brake on reward hacking; 0 = off
+    anchor: float = 0.0  # velocity anchor beta * ||v - v_base||^2 at one rollout state per step: a brake on reward hacking; 0 = off
     balance_tags: bool = True  # draw a task tag uniformly, then a prompt of it (prompt sets with tags)
     finetune: str = "lora"  # lora | full
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
-    lr: float = 1e-3  # with the anchor; without it 1e-3 and 3e-4 degraded ShapeEval on the demo (docs/leapalign.md)
+    lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     grad_accum: int = 1
-    ema: float | None = None  # e.g. 0.995 (paper); None = off
+    ema: float | None = 0.99  # evaluate and save an exponential moving average of the weights (paper: 0.995); None = off
     seed: int = 0
     save_every: int = 0  # checkpoint interval in steps; 0 = only at the end
     keep_last_n: int = 0  # checkpoints kept on disk (the newest ones); 0 = all
@@ -76,7 +76,7 @@ class EvalConfig:
     num_images: int = 0  # 0 = one image per prompt row
     num_steps: int = 28  # FluxPipeline's default
     batch_size: int = 96
-    every: int = 0  # also evaluate every N steps (summary.json "during", tensorboard eval/*); 0 = before and after only
+    every: int = 100  # also evaluate every N steps (summary.json "during", tensorboard eval/*); 0 = before and after only
     # never trained on, evaluated with the reward: checkers (shapeeval) or any reward name; None = the prompt set's
     # defaults (ShapeWorld: shapeeval, shapescore), [] = none
     judges: list[str] | None = None

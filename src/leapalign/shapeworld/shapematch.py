@@ -2,27 +2,30 @@
 
 It reads each prompt through the world's grammar and asks of the pixels what ShapeEval asks, softly:
 
-1. Soft colour masks, by ShapeEval's own rule: a pixel is coloured when its saturation and value pass
-   ShapeEval's thresholds (a sigmoid instead of a step) and takes the palette colour nearest in hue (a
-   softmax over hue cosines instead of an argmin).  Values use sharp slopes, gradients soft ones
-   (straight-through), so a blank canvas still gets a gradient towards the requested colour.
+1. Colour masks by ShapeEval's own rule, smooth: a pixel is coloured as far as its saturation (here: the
+   chroma projected on the colour's hue, which unlike the saturation is not flat at a grey pixel) and its
+   value pass ShapeEval's thresholds (sigmoids instead of steps), and takes the palette colour nearest in
+   hue (a softmax over hue cosines instead of an argmin).  The gradient is the value's own.
 2. Template matching.  Each requested object's shape template, at each allowed size and four half-pixel
    phases, is slid over the mask of its colour (of any colour when the prompt names none); the response at
    a placement is the soft IoU of the template with the mask inside a window around it, so a wrong shape
-   (IoU <= pi/4), a wrong size, a blob or a neighbour merged into the object all score low.
+   (IoU <= pi/4), a wrong size, a blob or a neighbour merged into the object all score low.  An object that
+   another shape's template fits almost as well loses the difference (SHAPE_MARGIN).
 3. The best valid layout.  The objects are placed jointly where their summed IoU is highest subject to
    what ShapeEval requires of a layout: inside the canvas, two objects apart (distinct components) and,
    for `position` prompts, in the stated relation with the renderer's margin.  The gradient therefore
    asks for the best *correct* layout, not for the best-looking pieces of a wrong one.  Ties (a blank
-   canvas) go to the placement nearest the centre.
+   canvas) go to the placement nearest the centre.  The layout is chosen without gradient.
 4. Nothing else drawn.  Coloured mass outside the chosen objects (dilated by a pixel for anti-aliasing)
    is penalised in units of the requested objects' area, so an extra object costs what a requested one
    gains: hedging with a third object does not pay, and neither does leaving one out.
+5. Smooth shaping terms, zero on a truth render: each requested colour's total mass within what its
+   objects can cover, the colour masses' centroids in the stated relation, and the fidelity of object
+   interiors to their palette colour and of the canvas to the background.
 
-    reward = mean over the n objects of IoU  -  EXTRA_WEIGHT * (extra mass / object area) / n
+    reward = IoU - extra - SHAPING_WEIGHT (mass + relation) - FIDELITY_WEIGHT fidelity
 
-About 0.9 for a truth render, 0 for a blank canvas, below 0 for junk.  The layout is chosen without
-gradient; the gradient flows through the chosen placements' IoUs and the extra mass.
+About 0.87 for a truth render, below 0 for a blank canvas or junk.  `ShapeMatch().terms` gives each term.
 """
 from __future__ import annotations
 
@@ -35,18 +38,16 @@ import torch.nn.functional as F
 
 from . import shapeeval, world
 
-# colour masks: (sharp value, soft gradient) slopes
-SAT_SLOPE = (0.03, 0.15)  # sigmoid width around ShapeEval's MIN_SATURATION
-VALUE_SLOPE = (0.03, 0.15)  # ... and around MIN_VALUE
-HUE_SHARPNESS = (60.0, 8.0)  # softmax scale of the hue cosines
+SAT_SLOPE = 0.06  # colour masks: sigmoid width around ShapeEval's MIN_SATURATION
+VALUE_SLOPE = 0.05  # ... and around MIN_VALUE
+HUE_SHARPNESS = 15.0  # softmax scale of the hue cosines
 WINDOW_MARGIN = 2.0  # pixels around a template in which its own colour counts against the IoU
-EXTRA_WEIGHT = 1.0
+EXTRA_WEIGHT = 2.0
 SHAPING_WEIGHT = 0.5  # the smooth terms (colour mass in range, centroids in relation): 0 on a truth render
 FIDELITY_WEIGHT = 2.0  # squared RGB error of object interiors to their palette colour and of the canvas to the background
 MASS_RANGE = (0.7, 1.3)
 RELATION_MARGIN = 4.0  # pixels between the centroids; ShapeEval asks for more than 3
 SHAPE_MARGIN = 0.1  # an object's IoU must beat every other shape's template at its place by this much
-TIE_BREAK = 0.5  # weight of the soft masks' IoU in the (gradient-free) choice of layout and free colour: a blank canvas keeps its choice
 CENTRE_PRIOR = 1e-4  # layout tie-break per squared pixel from the centre; never in the reward's value
 PHASES = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5))
 SIZE_NAMES = tuple(world.SIZES)  # ("small", "big")
@@ -90,43 +91,24 @@ def _palette_hues() -> torch.Tensor:
     return v / v.norm(dim=1, keepdim=True)
 
 
-def _straight_through(sharp: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    return soft + (sharp - soft).detach()
+def colour_masks(images: torch.Tensor) -> torch.Tensor:
+    """(B, 7, H, W) soft memberships [background, *colours] by ShapeEval's rule, smooth so that the gradient is
+    the value's own.
 
-
-def colour_masks(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, 7, H, W) soft memberships [background, *colours] by ShapeEval's rule: `drawn` and `seen` with sharp
-    values, and the soft masks' own values (no gradient), which break the ties of a blank canvas.
-
-    `drawn` has the soft gradient everywhere: what a template's intersection uses, so that an object can
-    appear where nothing is.  `seen` has it only as far as the judge sees colour there (soft gradient times
-    the sharp value): what "mass that should not be there" uses, so faint noise the judge ignores is not
-    pushed around.
-
-    The soft colour channels use the chroma projected on each colour's hue direction instead of the
-    saturation: at a grey pixel every saturation measure is flat by symmetry, the projection is not, so a
-    blank canvas learns which way its requested colour lies; a softer hue softmax keeps a coloured pixel
-    from drifting towards a neighbouring hue.
+    A pixel belongs to colour c as far as its chroma projected on c's hue direction, relative to its
+    brightness, passes ShapeEval's saturation threshold (a sigmoid, not a step), times its brightness passing
+    MIN_VALUE, times a softmax over hue cosines (nearest palette hue).  The projection, unlike the saturation,
+    is not flat at a grey pixel, so a blank canvas learns which way its requested colour lies.
     """
-    mx, mn = images.amax(1), images.amin(1)
-    sat = (mx - mn) / mx.clamp_min(1e-3)
+    mx = images.amax(1)
     x, y = _hue_vector(images, 1)
     hues = _palette_hues().to(images)
     proj = torch.einsum("bhw,c->bchw", x, hues[:, 0]) + torch.einsum("bhw,c->bchw", y, hues[:, 1])  # (B, 6, H, W)
     cos = proj / (x * x + y * y + 1e-6).sqrt()[:, None]
-
-    def bright(k: int) -> torch.Tensor:
-        return torch.sigmoid((mx - shapeeval.MIN_VALUE) / VALUE_SLOPE[k])
-
-    coloured = torch.sigmoid((sat - shapeeval.MIN_SATURATION) / SAT_SLOPE[0]) * bright(0)
-    sharp = torch.cat([(1 - coloured)[:, None], coloured[:, None] * torch.softmax(HUE_SHARPNESS[0] * cos, dim=1)], 1)
-    soft_any = torch.sigmoid((sat - shapeeval.MIN_SATURATION) / SAT_SLOPE[1]) * bright(0)
-    soft_each = torch.sigmoid((proj / mx.clamp_min(1e-3)[:, None] - shapeeval.MIN_SATURATION) / SAT_SLOPE[1]) * bright(0)[:, None] \
-        * torch.softmax(HUE_SHARPNESS[1] * cos, dim=1)
-    soft = torch.cat([(1 - soft_any)[:, None], soft_each], 1)
-    gate = sharp.detach().clone()
-    gate[:, 0] = 1 - gate[:, 0]  # the background channel's gradient is that of the colour mass
-    return _straight_through(sharp, soft), sharp + (soft - soft.detach()) * gate, soft.detach()
+    bright = torch.sigmoid((mx - shapeeval.MIN_VALUE) / VALUE_SLOPE)
+    each = torch.sigmoid((proj / mx.clamp_min(1e-3)[:, None] - shapeeval.MIN_SATURATION) / SAT_SLOPE) * bright[:, None] \
+        * torch.softmax(HUE_SHARPNESS * cos, dim=1)
+    return torch.cat([1 - each.sum(1, keepdim=True), each], 1)
 
 
 @lru_cache(maxsize=None)
@@ -232,7 +214,7 @@ class ShapeMatch(torch.nn.Module):
             raise ValueError(f"ShapeMatch takes images (B, 3, H, W); got {tuple(images.shape)}")
         specs = [world.parse(p) for p in prompts]
         B, _, H, W = images.shape
-        masks, seen, soft = colour_masks(images.float())
+        masks = colour_masks(images.float())
         objs = [(list(s.objects) * 2)[:2] for s in specs]  # one-object prompts: the second slot repeats the first, weight 0
         chan = torch.tensor([[1 + COLOUR_NAMES.index(o.color) if o.color else 0 for o in ob] for ob in objs])
         shape_idx = torch.tensor([[world.SHAPES.index(o.shape) for o in ob] for ob in objs])
@@ -240,19 +222,18 @@ class ShapeMatch(torch.nn.Module):
         with torch.no_grad():  # the layout: where each object is placed
             index = chan[:, :, None, None].expand(B, 2, H, W).to(masks.device)
             maps, phases = _object_maps(masks, index, shape_idx)
-            soft_maps, _ = _object_maps(soft, index, shape_idx)
             excluded = torch.tensor([[[o.size is not None and o.size != z for z in SIZE_NAMES] for o in ob] for ob in objs])
-            scores = (maps + TIE_BREAK * soft_maps + _placement_prior(H, W)).masked_fill(excluded[..., None, None], -math.inf)
+            scores = (maps + _placement_prior(H, W)).masked_fill(excluded[..., None, None], -math.inf)
             layout = self._layout(scores, specs)
             size_i, cell = layout[..., 0], layout[..., 1]
             phase = phases.flatten(3).gather(2, size_i[..., None, None].expand(B, 2, 1, H * W))[:, :, 0].gather(2, cell[..., None])[..., 0]
         tmpl, win = _kernels()
         every = tmpl[size_i, :, phase].to(masks)  # (B, 2, 3 shapes, N, N): every shape's template at the chosen placement
         wn = win[size_i, phase].to(masks)
-        iou_sc = _patch_iou(masks, seen, cell, every, wn)  # (B, 2, 3, 7): per shape and colour
+        iou_sc = _patch_iou(masks, cell, every, wn)  # (B, 2, 3, 7): per shape and colour
         own = shape_idx[..., None, None].to(masks.device)
-        with torch.no_grad():  # a free colour: the best one, ties (a blank canvas) by the soft masks
-            mine = iou_sc.gather(2, own.expand(B, 2, 1, 7))[:, :, 0] + TIE_BREAK * _patch_iou(soft, soft, cell, every, wn).gather(2, own.expand(B, 2, 1, 7))[:, :, 0]
+        with torch.no_grad():  # a free colour: the best one
+            mine = iou_sc.gather(2, own.expand(B, 2, 1, 7))[:, :, 0]
             colour = torch.where(chan.to(masks.device) > 0, chan.to(masks.device), 1 + mine[:, :, 1:].argmax(2))
         iou_s = iou_sc.gather(3, colour[..., None, None].expand(B, 2, 3, 1))[..., 0]  # (B, 2, 3) in the object's colour
         iou_own = iou_s.gather(2, own[..., 0])[..., 0]
@@ -263,9 +244,9 @@ class ShapeMatch(torch.nn.Module):
         iou = (iou_obj * weight).sum(1) / weight.sum(1)
         cover = _cover(t.detach(), cell, weight, H, W)
         area = _object_area(specs).to(masks)
-        extra = ((1 - seen[:, 0]) * (1 - cover)).sum((1, 2)) / area / weight.sum(1)
+        extra = ((1 - masks[:, 0]) * (1 - cover)).sum((1, 2)) / area / weight.sum(1)
         fidelity = _fidelity(images.float(), t.detach(), cell, colour, weight, cover)
-        return {"iou": iou, "extra": extra, "mass": _mass_term(masks, seen, specs) / area / weight.sum(1),
+        return {"iou": iou, "extra": extra, "mass": _mass_term(masks, specs) / area / weight.sum(1),
                 "relation": _relation_term(masks, specs), "fidelity": fidelity}
 
     @staticmethod
@@ -300,12 +281,12 @@ def _fidelity(images: torch.Tensor, t: torch.Tensor, cell, colour: torch.Tensor,
     return objects + canvas
 
 
-def _mass_term(drawn: torch.Tensor, seen: torch.Tensor, specs: list[world.PromptSpec]) -> torch.Tensor:
+def _mass_term(masks: torch.Tensor, specs: list[world.PromptSpec]) -> torch.Tensor:
     """(B,) pixels by which each requested colour's total mass falls outside what its objects can cover.
 
     The range runs from MASS_RANGE[0] x the smallest to MASS_RANGE[1] x the largest allowed objects, so a truth
     render pays nothing; a missing or shrunken object pays with a gradient on every pixel (a blank canvas learns
-    to draw the colour anywhere), a blob or a smear pays through the mass the judge sees.
+    to draw the colour anywhere), a blob or a smear pays for its excess.
     """
     lo = torch.zeros(len(specs), 7)
     hi = torch.full((len(specs), 7), math.inf)
@@ -316,24 +297,24 @@ def _mass_term(drawn: torch.Tensor, seen: torch.Tensor, specs: list[world.Prompt
             lo[b, c] += MASS_RANGE[0] * min(sizes)
             hi[b, c] = (0.0 if math.isinf(hi[b, c]) else hi[b, c]) + MASS_RANGE[1] * max(sizes)
     total = lambda m: torch.cat([(1 - m[:, :1]), m[:, 1:]], 1).sum((2, 3))  # noqa: E731  channel 0: any colour
-    lo, hi = lo.to(drawn), hi.to(drawn)
-    return (torch.relu(lo - total(drawn)) + torch.relu(total(seen) - hi).nan_to_num(0.0, posinf=0.0)).sum(1)
+    lo, hi, mass = lo.to(masks), hi.to(masks), total(masks)
+    return (torch.relu(lo - mass) + torch.relu(mass - hi).nan_to_num(0.0, posinf=0.0)).sum(1)
 
 
-def _relation_term(drawn: torch.Tensor, specs: list[world.PromptSpec]) -> torch.Tensor:
+def _relation_term(masks: torch.Tensor, specs: list[world.PromptSpec]) -> torch.Tensor:
     """(B,) for `position` prompts whose two objects have different colours: how far (in canvas widths) the
     colour masses' centroids fall short of the relation by RELATION_MARGIN pixels.  Smooth in the layout, so it
     moves whole objects where the IoU term can only redraw them."""
-    B, _, H, W = drawn.shape
-    out = torch.zeros(B, device=drawn.device)
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=drawn.dtype, device=drawn.device) + 0.5,
-                            torch.arange(W, dtype=drawn.dtype, device=drawn.device) + 0.5, indexing="ij")
+    B, _, H, W = masks.shape
+    out = torch.zeros(B, device=masks.device)
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=masks.dtype, device=masks.device) + 0.5,
+                            torch.arange(W, dtype=masks.dtype, device=masks.device) + 0.5, indexing="ij")
     for b, spec in enumerate(specs):
         if spec.relation is None or spec.objects[0].color == spec.objects[1].color:
             continue
         cents = []
         for o in spec.objects:
-            m = drawn[b, 1 + COLOUR_NAMES.index(o.color)]
+            m = masks[b, 1 + COLOUR_NAMES.index(o.color)]
             mass = m.sum().clamp_min(1.0)
             cents.append(((m * xs).sum() / mass, (m * ys).sum() / mass))
         (ax, ay), (bx, by) = cents
@@ -363,10 +344,11 @@ def _object_maps(masks: torch.Tensor, index: torch.Tensor, shape_idx: torch.Tens
     return maps.unflatten(0, (B, 2)).float().cpu(), phases.unflatten(0, (B, 2)).cpu()
 
 
-def _patch_iou(drawn: torch.Tensor, seen: torch.Tensor, cell, t: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:
+def _patch_iou(masks: torch.Tensor, cell, t: torch.Tensor, wn: torch.Tensor) -> torch.Tensor:
     """(B, 2, K, 7): IoU of the templates t (B, 2, K, N, N) at each object's cell with every colour channel."""
-    inter = torch.einsum("bocij,bokij->bokc", _patches(drawn, cell), t)
-    inside = torch.einsum("bocij,boij->boc", _patches(seen, cell), wn)[:, :, None]
+    patch = _patches(masks, cell)
+    inter = torch.einsum("bocij,bokij->bokc", patch, t)
+    inside = torch.einsum("bocij,boij->boc", patch, wn)[:, :, None]
     return inter / (t.sum((-1, -2))[..., None] + inside - inter).clamp_min(1e-6)
 
 
