@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,17 @@ def test_memory_benchmark_runs_through_the_trainer(tmp_path):
         assert f"| {method} |" in text
 
 
-def test_reward_alignment_probe_ascends_the_reward_and_measures_a_lora(tmp_path):
-    """Latent ascent raises the reward it follows; a LoRA that moves the samples shows a non-zero drift."""
+def _import_benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.fixture(scope="module")
+def moving_lora(tmp_path_factory) -> Path:
+    """A LoRA on the shipped base whose B matrices are random (peft starts them at zero): it moves the samples."""
     from leapalign import config
     from leapalign.backbones import load_backbone
     from leapalign.train import save_lora, setup_trainable
@@ -43,20 +53,37 @@ def test_reward_alignment_probe_ascends_the_reward_and_measures_a_lora(tmp_path)
     with torch.no_grad():
         for name, p in backbone.transformer.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)  # peft starts B at zero: give the adapter an effect
-    save_lora(backbone, tmp_path / "lora")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import reward_alignment
-    finally:
-        sys.path.pop(0)
+                p.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("lora") / "lora"
+    save_lora(backbone, out)
+    return out
+
+
+def test_reward_alignment_probe_ascends_the_reward_and_measures_a_lora(tmp_path, moving_lora):
+    """Latent ascent raises the reward it follows; a LoRA that moves the samples shows a non-zero drift."""
     out = tmp_path / "alignment.md"
-    reward_alignment.main(["--quick", "--seeds", "1", "--loras", str(tmp_path / "lora"), "--out", str(out)])
+    _import_benchmark("reward_alignment").main(["--quick", "--seeds", "1", "--loras", str(moving_lora), "--out", str(out)])
     rows = [l.split("|") for l in out.read_text().splitlines() if l.startswith("| shapematch |")]
     rewards = [float(r[4]) for r in rows]  # ascent steps 0, 1, 2
     assert len(rewards) == 3 and rewards[2] > rewards[0], rewards
-    drift = [l.split("|") for l in out.read_text().splitlines() if l.startswith(f"| {tmp_path / 'lora'} |")]
+    drift = [l.split("|") for l in out.read_text().splitlines() if l.startswith(f"| {moving_lora} |")]
     assert len(drift) == 1 and float(drift[0][2]) > 1e-3, drift
+
+
+def test_layout_shift_is_zero_for_the_base_and_measured_for_a_lora(tmp_path, moving_lora):
+    out = tmp_path / "shift.md"
+    _import_benchmark("layout_shift").main(["--quick", "--loras", f"moved={moving_lora}", "--out", str(out)])
+    rows = {l.split("|")[1].strip(): l.split("|") for l in out.read_text().splitlines() if l.startswith("| ")}
+    assert float(rows["base"][2]) == 0 and float(rows["moved"][2]) > 0.0, rows
+
+
+def test_reward_hacks_table_has_every_hack(tmp_path):
+    out = tmp_path / "hacks.md"
+    _import_benchmark("reward_hacks").main(["--quick", "--rewards", "shapematch", "--out", str(out)])
+    text = out.read_text()
+    from leapalign.shapeworld.hacks import HACKS
+
+    assert all(name in text for name in HACKS) and "| shapematch |" in text
 
 
 def test_cfg_sweep_scale_one_is_the_plain_sampling_and_guidance_changes_it():
