@@ -142,3 +142,12 @@ def test_demo_trains_a_few_steps_and_prints_the_reward_and_both_judges(tmp_path)
         assert line in proc.stdout, proc.stdout
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert summary["reward"] == "shapematch" and set(summary["after"]["judges"]) == {"shapeeval", "shapescore"}
+
+
+def test_shapematch_on_prompts_outside_shapeworld_is_one_line_and_no_output(tmp_path):
+    prompts = tmp_path / "cats.txt"
+    prompts.write_text("a photo of a cat\n")
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", str(PRESET), "--set", f"train.prompts={prompts}", "--set", f"output.dir={out}")
+    assert_one_line_error(proc, "shapematch reward reads ShapeWorld prompts only", "reward.fn")
+    assert not out.exists()

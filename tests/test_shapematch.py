@@ -106,5 +106,7 @@ def test_batch_and_single_scoring_agree(reward):
 
 
 def test_a_prompt_outside_the_grammar_is_a_clear_error(reward):
-    with pytest.raises(ValueError, match="not a ShapeWorld prompt"):
+    from leapalign.errors import UserError
+
+    with pytest.raises(UserError, match="reads ShapeWorld prompts only.*not a ShapeWorld prompt"):
         reward(world.render_batch(["a red circle"]), ["a photo of a cat"])

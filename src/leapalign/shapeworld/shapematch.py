@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from . import shapeeval, world
 
 SAT_SLOPE = 0.06  # colour masks: sigmoid width around ShapeEval's MIN_SATURATION
@@ -212,7 +213,10 @@ class ShapeMatch(torch.nn.Module):
     def terms(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"ShapeMatch takes images (B, 3, H, W); got {tuple(images.shape)}")
-        specs = [world.parse(p) for p in prompts]
+        try:
+            specs = [world.parse(p) for p in prompts]
+        except ValueError as e:
+            raise UserError(f"the shapematch reward reads ShapeWorld prompts only: {e}; use another reward.fn for other prompts") from None
         B, _, H, W = images.shape
         masks = colour_masks(images.float())
         objs = [(list(s.objects) * 2)[:2] for s in specs]  # one-object prompts: the second slot repeats the first, weight 0
