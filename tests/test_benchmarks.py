@@ -9,12 +9,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_compare_methods_quick_runs_every_variant(tmp_path):
+def _import_benchmark(name: str):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import compare_methods
+        return __import__(name)
     finally:
         sys.path.pop(0)
+
+
+def test_compare_methods_quick_runs_every_variant(tmp_path):
+    compare_methods = _import_benchmark("compare_methods")
     compare_methods.main(["--quick", "--out", str(tmp_path)])
     text = (tmp_path / "methods_quick.md").read_text()
     for variant in compare_methods.VARIANTS:
@@ -30,14 +34,6 @@ def test_memory_benchmark_runs_through_the_trainer(tmp_path):
     text = out.read_text()
     for method in ("leapalign", "alignprop", "draft_k", "drtune"):
         assert f"| {method} |" in text
-
-
-def _import_benchmark(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +83,7 @@ def test_reward_hacks_table_has_every_hack(tmp_path):
 
 
 def test_cfg_sweep_scale_one_is_the_plain_sampling_and_guidance_changes_it():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import cfg_sweep
-    finally:
-        sys.path.pop(0)
+    cfg_sweep = _import_benchmark("cfg_sweep")
     from leapalign import config, evaluation
     from leapalign.backbones import load_backbone
 
@@ -106,11 +98,7 @@ def test_cfg_sweep_scale_one_is_the_plain_sampling_and_guidance_changes_it():
 
 def test_gradient_fidelity_finds_the_exact_gradient_and_tells_a_one_step_surrogate_from_it(tmp_path):
     """With 4-step rollouts, DRaFT-K at K = 4 is the exact gradient (cosine 1, norm ratio 1); ReFL is not."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gradient_fidelity
-    finally:
-        sys.path.pop(0)
+    gradient_fidelity = _import_benchmark("gradient_fidelity")
     out = tmp_path / "fidelity.md"
     gradient_fidelity.main(["--batches", "1", "--variants", "draft_k (K=4),refl", "--prompts", "2", "--noises", "2",
                             "--set", "train.num_steps=4", "--set", "train.batch_size=3", "--out", str(out)])

@@ -62,6 +62,12 @@ def generate(backbone, prompts: list[str], seeds: list[int], num_steps: int, hei
 
 
 @torch.no_grad()
+def reward_values(fn, images: torch.Tensor, prompts: list[str], chunk: int = 256) -> torch.Tensor:
+    """(B,) a reward's values on CPU, scored `chunk` images at a time."""
+    return torch.cat([fn(images[j : j + chunk], prompts[j : j + chunk]).detach().float().cpu() for j in range(0, len(prompts), chunk)])
+
+
+@torch.no_grad()
 def score(images: torch.Tensor, prompts: list[str], reward=None, judges=None) -> dict:
     """{"reward": mean, "rewards": per image, "judges": {name: value}} for whatever applies.
 
@@ -71,7 +77,7 @@ def score(images: torch.Tensor, prompts: list[str], reward=None, judges=None) ->
     result: dict = {"num_images": len(prompts)}
     named = reward if isinstance(reward, dict) else ({"reward": reward} if reward is not None else {})
     for i, (name, fn) in enumerate(named.items()):
-        r = torch.cat([fn(images[j : j + 256], prompts[j : j + 256]).detach().float().cpu() for j in range(0, len(prompts), 256)])
+        r = reward_values(fn, images, prompts)
         if i == 0:
             result["reward"], result["rewards"] = r.mean().item(), r.tolist()
         if isinstance(reward, dict):

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .errors import UserError
+from .evaluation import reward_values
 
 Checker = Callable[[torch.Tensor, list], dict]
 
@@ -66,16 +67,9 @@ class Judges:
         return self
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str], chunk: int = 256) -> dict:
-        out: dict = {}
-        for name, fn in self.fns.items():
-            if name in CHECKERS:
-                out[name] = fn(images, prompts)
-            else:
-                values = torch.cat([fn(images[i:i + chunk], prompts[i:i + chunk]).detach().float().cpu()
-                                    for i in range(0, len(prompts), chunk)])
-                out[name] = values.mean().item()
-        return out
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict:
+        return {name: fn(images, prompts) if name in CHECKERS else reward_values(fn, images, prompts).mean().item()
+                for name, fn in self.fns.items()}
 
 
 def headline(value) -> float:

@@ -400,7 +400,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     if tc.text_cache == "cpu":
         backbone.offload_text()
     reward = load_reward(cfg.reward.fn, cfg.reward.path).to(device)
-    reward_name = cfg.reward.fn if isinstance(cfg.reward.fn, str) else reward.name
+    reward_name = reward.name  # the built-in's name, 'module:callable', or 'a=1,b=0.5' for a weighted sum
     judges = Judges(ec.judges if ec.judges is not None else default_judges(ec.prompts), exclude=reward_name).to(device)
     train_rows = load_prompt_rows(tc.prompts)
     eval_rows = load_prompt_rows(ec.prompts)

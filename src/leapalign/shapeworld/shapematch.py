@@ -202,7 +202,7 @@ def _best_pairs(a: torch.Tensor, b: torch.Tensor, relations: list[str | None]) -
 class ShapeMatch(torch.nn.Module):
     """reward(images (B, 3, H, W) in [0, 1], ShapeWorld prompts) -> (B,), differentiable in the images.
 
-    `terms` gives the two parts: the objects' mean IoU and the extra mass (in objects, divided by n).
+    `terms` gives every part by name: iou, extra, mass, relation, fidelity (the module docstring says how they combine).
     """
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -300,8 +300,7 @@ def _mass_term(masks: torch.Tensor, specs: list[world.PromptSpec]) -> torch.Tens
             sizes = [_area(o.shape, o.size)] if o.size else [_area(o.shape, z) for z in SIZE_NAMES]
             lo[b, c] += MASS_RANGE[0] * min(sizes)
             hi[b, c] = (0.0 if math.isinf(hi[b, c]) else hi[b, c]) + MASS_RANGE[1] * max(sizes)
-    total = lambda m: torch.cat([(1 - m[:, :1]), m[:, 1:]], 1).sum((2, 3))  # noqa: E731  channel 0: any colour
-    lo, hi, mass = lo.to(masks), hi.to(masks), total(masks)
+    lo, hi, mass = lo.to(masks), hi.to(masks), _any_colour_first(masks).sum((2, 3))
     return (torch.relu(lo - mass) + torch.relu(mass - hi).nan_to_num(0.0, posinf=0.0)).sum(1)
 
 
@@ -339,11 +338,15 @@ def _object_area(specs: list[world.PromptSpec]) -> torch.Tensor:
                                         for o in s.objects])) for s in specs])
 
 
+def _any_colour_first(masks: torch.Tensor) -> torch.Tensor:
+    """The masks with channel 0 (background) replaced by its complement, "any colour": index 0 is a colour-free object."""
+    return torch.cat([1 - masks[:, :1], masks[:, 1:]], 1)
+
+
 def _object_maps(masks: torch.Tensor, index: torch.Tensor, shape_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """IoU maps (B, 2, S, H, W) and phases of each object's shape over its colour's mask (index 0: any colour)."""
     B = masks.shape[0]
-    coloured = torch.cat([1 - masks[:, :1], masks[:, 1:]], 1)
-    obj_masks = coloured.gather(1, index)
+    obj_masks = _any_colour_first(masks).gather(1, index)
     maps, phases = _iou_maps(obj_masks.flatten(0, 1), shape_idx.flatten())
     return maps.unflatten(0, (B, 2)).float().cpu(), phases.unflatten(0, (B, 2)).cpu()
 
@@ -360,23 +363,26 @@ def _patches(masks: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
     """(B, 2, C, N, N): the N x N window of `masks` (B, C, H, W) centred on each object's cell (zero outside)."""
     B, C, H, W = masks.shape
     padded = F.pad(masks, (_R, _R, _R, _R))
-    i, j = (cell // W).to(masks.device), (cell % W).to(masks.device)
-    ar = torch.arange(_N, device=masks.device)
-    rows = (i[..., None] + ar)[:, :, None, :, None]  # (B, 2, 1, N, 1)
-    cols = (j[..., None] + ar)[:, :, None, None, :]
+    rows, cols = _window(cell, W, masks.device)
     bi = torch.arange(B, device=masks.device).view(B, 1, 1, 1, 1)
     ci = torch.arange(C, device=masks.device).view(1, 1, C, 1, 1)
-    return padded[bi, ci, rows, cols]
+    return padded[bi, ci, rows[:, :, None], cols[:, :, None]]
+
+
+def _window(cell: torch.Tensor, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row (B, 2, N, 1) and column (B, 2, 1, N) indices, in a canvas padded by _R, of the N x N window on each cell."""
+    i, j = (cell // W).to(device), (cell % W).to(device)
+    ar = torch.arange(_N, device=device)
+    return (i[..., None] + ar)[..., :, None], (j[..., None] + ar)[..., None, :]
 
 
 def _cover(t: torch.Tensor, cell: torch.Tensor, weight: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """(B, H, W) coverage of the chosen objects (templates t (B, 2, N, N) at their cells), dilated by one pixel."""
     B = t.shape[0]
     canvas = torch.zeros(B, 2, H + 2 * _R, W + 2 * _R, device=t.device)
-    i, j = (cell // W).to(t.device), (cell % W).to(t.device)
-    ar = torch.arange(_N, device=t.device)
+    rows, cols = _window(cell, W, t.device)
     bi, oi = torch.arange(B, device=t.device).view(B, 1, 1, 1), torch.arange(2, device=t.device).view(1, 2, 1, 1)
-    canvas[bi, oi, (i[..., None] + ar)[..., None], (j[..., None] + ar)[..., None, :]] = t * (weight[..., None, None] > 0)
+    canvas[bi, oi, rows, cols] = t * (weight[..., None, None] > 0)
     cover = canvas[:, :, _R:_R + H, _R:_R + W].amax(1, keepdim=True)
     return F.max_pool2d(cover, 3, 1, 1)[:, 0]
 
