@@ -34,7 +34,7 @@ def test_preset_spells_out_the_defaults():
     assert preset == default
 
 
-PAPER_PRESETS = {  # file: (reward, alpha, lam, resolution, iterations), the numbers DESIGN.md section 4 gives
+PAPER_PRESETS = {  # file: (reward, alpha, lam, resolution, iterations), the numbers the LeapAlign paper gives
     "flux1_dev_hpsv21.yaml": ("hpsv2.1", 0.3, 0.55, 720, 300),
     "flux1_dev_pickscore.yaml": ("pickscore", 0.1, 0.4, 720, 300),
     "sd35m_hpsv21.yaml": ("hpsv2.1", 0.3, 0.55, 512, 200),
