@@ -93,3 +93,48 @@ def test_bf16_step_gradient_matches_fp32_and_training_keeps_fp32_masters(tmp_pat
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_2" / "trainable.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert summary["after"]["reward"] == pytest.approx(summary["after"]["reward"])  # finite
+
+
+def test_bf16_leapalign_leaps_are_fp32_and_distances_float64(tiny_flux_pipe_bf16):
+    """With a bf16 model the two leaps and connectors are float32 and d_j, d_N float64 (as the reference code keeps
+    them): the weight equals an independent float64 reference to float32 rounding, and the gradient equals the
+    reference's built from the same bf16 velocities.  Leaps rounded to bf16 move the weight by up to ~1%."""
+    from leapalign.methods.leapalign import leap_surrogate
+    from leapalign.rollout import rollout
+
+    bb = FluxBackbone(tiny_flux_pipe_bf16)
+    traj = rollout(bb, PROMPTS[:3], 6, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert traj.sample.dtype == torch.bfloat16
+    x, s, cond = traj.states, traj.sigmas, traj.cond
+    k, j, alpha, tau = 1, 4, 0.3, 1e-3
+    g = torch.randn(traj.sample.shape, generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        out = torch.cat([p.grad.float().flatten() for p in bb.transformer.parameters() if p.grad is not None])
+        bb.transformer.zero_grad(set_to_none=True)
+        return out
+
+    # reference: every leap and connector in float32, distances in float64, written out directly
+    v1 = bb.velocity(x[k], s[k], cond).float()
+    xhat_j = x[k].float() + (s[j] - s[k]) * v1
+    xt_j = xhat_j + (x[j].float() - xhat_j).detach()
+    v2 = bb.velocity((alpha * xt_j + (1 - alpha) * xt_j.detach()).to(torch.bfloat16), s[j], cond).float()
+    xhat_n = xt_j - s[j] * v2
+    xt_n = xhat_n + (x[-1].float() - xhat_n).detach()
+    d_j = (xhat_j.double() - x[j].double()).abs().flatten(1).mean(1)
+    d_n = (xhat_n.double() - x[-1].double()).abs().flatten(1).mean(1)
+    w_ref = 1 / (d_j.clamp(min=tau) + d_n.clamp(min=tau))
+    torch.autograd.backward(xt_n, grad_tensors=g * w_ref.float()[:, None, None])
+    g_ref = grads()
+
+    sur = leap_surrogate(bb, traj, k, j, alpha, tau, True)
+    assert sur.endpoint.dtype == torch.float32 and sur.weight.dtype == torch.float32
+    torch.testing.assert_close(sur.weight.double(), w_ref, rtol=1e-6, atol=0)
+    torch.autograd.backward(sur.endpoint, grad_tensors=g * sur.weight[:, None, None])
+    torch.testing.assert_close(grads(), g_ref, rtol=1e-5, atol=1e-7)
+
+    # the test can fail: the same weight from leaps rounded to bf16 (the old behaviour) is measurably off
+    xhat_j16 = (x[k].float() + (s[j] - s[k]) * v1).to(torch.bfloat16)
+    xhat_n16 = (x[j].float() - s[j] * v2).to(torch.bfloat16)
+    w16 = 1 / ((xhat_j16 - x[j]).abs().flatten(1).mean(1).clamp(min=tau) + (xhat_n16 - x[-1]).abs().flatten(1).mean(1).clamp(min=tau))
+    assert ((w16.double() - w_ref).abs() / w_ref).max() > 1e-4

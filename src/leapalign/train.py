@@ -72,12 +72,12 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
     loss, infos = 0.0, []
     for s in method.surrogates(backbone, traj, generator):
         infos.append(s.info)
-        w = s.weight.to(traj.sample.dtype)
+        w = s.weight.float()  # the similarity weight keeps float32 whatever the model dtype
         if s.connected:
             if grad is None:
                 raise RuntimeError(f"{method.name} yielded a connected surrogate but declares reward_on_sample = False")
             coeff = (w * factor / B).view(-1, *[1] * (grad.dim() - 1))
-            torch.autograd.backward(s.endpoint, grad_tensors=grad * coeff)
+            torch.autograd.backward(s.endpoint, grad_tensors=(grad * coeff).to(s.endpoint.dtype))
             loss += (w * losses).mean().item() * factor
         else:
             images = backbone.decode(s.endpoint, H, W)

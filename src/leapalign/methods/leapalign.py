@@ -41,22 +41,27 @@ def sample_pairs(num_steps: int, count: int, generator: torch.Generator, window:
 
 
 def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).abs().flatten(1).mean(1)
+    """Per-sample mean |a - b| in float64: the weight's distances, exact whatever the model dtype."""
+    return (a.double() - b.double()).abs().flatten(1).mean(1)
 
 
 def leap_surrogate(backbone: Backbone, traj: Trajectory, k: int, j: int, alpha: float, tau: float, weighting: bool) -> Surrogate:
-    """One LeapAlign surrogate for the pair (k, j): value x_N, gradient through both leaps."""
+    """One LeapAlign surrogate for the pair (k, j): value x_N, gradient through both leaps.
+
+    Leaps and connectors are float32 whatever the model dtype (only the model's input is cast to
+    it), so a bf16 model's long leaps are not rounded to 8 bits; the endpoint is float32.
+    """
     x, s, cond = traj.states, traj.sigmas, traj.cond
-    x_k, x_j, x_n = x[k], x[j], x[-1]
-    xhat_j = schedule.leap(x_k, backbone.velocity(x_k.detach(), s[k], cond), s[k], s[j])
+    x_k, x_j, x_n = x[k], x[j].float(), x[-1].float()
+    xhat_j = x_k.float() + (s[j] - s[k]) * backbone.velocity(x_k.detach(), s[k], cond).float()
     xt_j = schedule.connect(xhat_j, x_j)
-    xin_j = schedule.discount(xt_j, alpha)
-    xhat_n = schedule.leap(xt_j, backbone.velocity(xin_j, s[j], cond), s[j], s[-1])
+    xin_j = schedule.discount(xt_j, alpha).to(x_k.dtype)
+    xhat_n = xt_j + (s[-1] - s[j]) * backbone.velocity(xin_j, s[j], cond).float()
     xt_n = schedule.connect(xhat_n, x_n)
     with torch.no_grad():
         d_j, d_n = _mean_abs(xhat_j, x_j), _mean_abs(xhat_n, x_n)
         w = 1.0 / (d_j.clamp(min=tau) + d_n.clamp(min=tau)) if weighting else torch.ones_like(d_j)
-    return Surrogate(xt_n, w, True, {"k": k, "j": j, "d_j": d_j.mean().item(), "d_N": d_n.mean().item(), "weight": w.mean().item()})
+    return Surrogate(xt_n, w.float(), True, {"k": k, "j": j, "d_j": d_j.mean().item(), "d_N": d_n.mean().item(), "weight": w.mean().item()})
 
 
 @dataclass
