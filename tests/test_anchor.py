@@ -52,7 +52,7 @@ def test_anchor_gradient_equals_a_frozen_copy_of_the_base():
 def _cfg(tmp_path, model_dir, name, *extra):
     pfile = tmp_path / "prompts.txt"
     pfile.write_text("\n".join(PROMPTS) + "\n")
-    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:brightness",
+    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:brightness", "reward.lam=1.0",
                               f"output.dir={tmp_path / name}", f"train.prompts={pfile}", f"eval.prompts={pfile}", "train.steps=8",
                               "train.batch_size=4", "train.num_steps=4", "train.lr=3e-2", "eval.num_steps=4", "eval.num_images=4",
                               "eval.grid_size=4", "output.tensorboard=false", "train.save_every=0", *extra])

@@ -50,7 +50,7 @@ def model_dir(request, tmp_path_factory):
 def _train(tmp_path, model_dir, *overrides):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:redness",
+    cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:redness", "reward.lam=1.0",
                              f"output.dir={tmp_path / 'run'}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
                              "train.steps=10", "train.batch_size=4", "train.num_steps=4", "train.lr=3e-2", "eval.num_steps=4",
                              "eval.grid_size=4", "output.tensorboard=false", "train.anchor=0", "train.ema=null", *overrides])

@@ -29,7 +29,7 @@ def test_preset_spells_out_the_defaults():
     """configs/shapeworld_leapalign.yaml is the demo: it must equal the built-in defaults."""
     from leapalign.methods import build_method
 
-    preset, default = config.load(PRESET).to_dict(), config.Config().to_dict()
+    preset, default = config.load(PRESET).to_dict(), config.load(None).to_dict()
     assert build_method(preset.pop("method")) == build_method(default.pop("method"))
     assert preset == default
 
@@ -47,7 +47,8 @@ def test_paper_presets_load_and_hold_the_paper_numbers(name):
 
     cfg = config.load(ROOT / "configs" / name, ["model.path=/models/x"])
     reward, alpha, lam, size, steps = PAPER_PRESETS[name]
-    assert (cfg.reward.fn, cfg.method["alpha"], cfg.reward.lam) == (reward, alpha, lam)
+    cos_scale = 100.0 if reward == "pickscore" else 1.0  # the paper's margins are on the plain cosine; our PickScore is 100 cos
+    assert (cfg.reward.fn, cfg.method["alpha"], cfg.reward.lam / cos_scale) == (reward, alpha, lam)
     assert (cfg.model.height, cfg.model.width, cfg.train.steps) == (size, size, steps)
     assert (cfg.train.finetune, cfg.train.lr, cfg.train.batch_size, cfg.train.ema, cfg.train.num_steps) == ("full", 1e-5, 64, 0.995, 25)
     assert cfg.model.path == "/models/x" and cfg.reward.fn in BUILTIN
@@ -151,3 +152,53 @@ def test_shapematch_on_prompts_outside_shapeworld_is_one_line_and_no_output(tmp_
     proc = run_cli("train", "--config", str(PRESET), "--set", f"train.prompts={prompts}", "--set", f"output.dir={out}")
     assert_one_line_error(proc, "shapematch reward reads ShapeWorld prompts only", "reward.fn")
     assert not out.exists()
+
+
+# Realistic values of each paper preset's reward on our scale, for FLUX.1-dev / SD3.5-M before and after training:
+# HPSv2.1 is a raw cosine, 0.29 to 0.31 for the base models and 0.38 to 0.44 after reward training (LeapAlign paper:
+# FLUX.1-dev 0.3078 -> 0.4092); PickScore is 100 cos, 22.5 to 22.8 for the bases and up to about 23.8 after training
+# (LeapAlign paper: FLUX.1-dev 22.79 -> 23.71; PickScore README's formula logit_scale.exp() * cos).
+REALISTIC = {"hpsv2.1": (0.25, 0.45), "pickscore": (19.0, 24.5)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PRESETS))
+def test_paper_presets_hinge_is_active_at_realistic_rewards(name):
+    """relu(lam - r) * scale > 0 over the reward's whole realistic range, with the paper's slope on its scale
+    (PickScore's 0.4 margin is on the cosine: 40 - 100 cos, times 0.01, is exactly 0.4 - cos)."""
+    cfg = config.load(ROOT / "configs" / name, ["model.path=/models/x"])
+    lo, hi = REALISTIC[cfg.reward.fn]
+    assert cfg.reward.lam > hi, (cfg.reward.lam, hi)
+    cos_scale = 100.0 if cfg.reward.fn == "pickscore" else 1.0  # the paper's margin is on the plain cosine
+    assert cfg.reward.lam / cos_scale == pytest.approx(PAPER_PRESETS[name][2]) and cfg.reward.scale * cos_scale == pytest.approx(1.0)
+
+
+def test_builtin_rewards_bring_their_own_hinge_and_a_users_reward_must_set_it():
+    from leapalign.rewards import BUILTIN, HINGE
+
+    assert set(HINGE) == set(BUILTIN)  # every built-in has a stated margin
+    for name in ("hpsv2.1", "pickscore", "shapematch"):
+        cfg = config.load(None, [f"reward.fn={name}"])
+        assert (cfg.reward.lam, cfg.reward.scale) == HINGE[name]
+    assert config.load(None, ["reward.fn=pickscore", "reward.lam=30"]).reward.scale == 0.01
+    for spec in ("tests/data/user_rewards.py:brightness", "{hpsv2.1: 1.0, pickscore: 0.5}"):
+        with pytest.raises(UserError, match="reward.lam is not set"):
+            config.load(None, [f"reward.fn={spec}"])
+    assert config.load(None, ["reward.fn=tests/data/user_rewards.py:brightness", "reward.lam=0.7"]).reward.scale == 1.0
+
+
+def test_a_margin_below_every_reward_is_reported_in_one_line(tmp_path):
+    """The PickScore preset's old lam 0.4 against PickScore-scale values: nothing trains, and the run says so."""
+    import json
+
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", str(PRESET), "--set", "reward.fn=tests/data/user_rewards.py:pickscore_like",
+                   "--set", "reward.lam=0.4", "--set", "train.steps=1", "--set", "train.batch_size=2", "--set", "eval.every=0",
+                   "--set", "eval.num_steps=2", "--set", "eval.judges=[]", "--set", f"eval.prompts={ROOT / 'tests/data/two_prompts.txt'}",
+                   "--set", "output.tensorboard=false", "--set", f"output.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "hinge passes no gradient" in l]
+    assert len(lines) == 1 and "reward.lam = 0.4" in lines[0], proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["warnings"] == [lines[0].strip()]
+    (metrics,) = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["active"] == 0 and metrics["grad_norm"] == 0

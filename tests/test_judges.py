@@ -55,7 +55,7 @@ def _run(tmp_path, name, *overrides):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     cfg = config.load(None, [f"output.dir={tmp_path / name}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
-                             f"reward.fn={USER}:redness", f"eval.judges=[{USER}:not_red]", "eval.hack_margin=0.0",
+                             f"reward.fn={USER}:redness", "reward.lam=1.0", f"eval.judges=[{USER}:not_red]", "eval.hack_margin=0.0",
                              "train.batch_size=2", "train.num_steps=4", "train.lr=1e-2", "train.anchor=0", "eval.num_steps=4",
                              "eval.every=2", "train.steps=6", "eval.grid_size=2", "output.tensorboard=false", *overrides])
     return train(cfg, progress=False), tmp_path / name

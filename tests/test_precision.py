@@ -84,7 +84,7 @@ def test_bf16_step_gradient_matches_fp32_and_training_keeps_fp32_masters(tmp_pat
     pfile = tmp_path / "prompts.txt"
     pfile.write_text("\n".join(PROMPTS) + "\n")
     cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", "model.dtype=bfloat16",
-                             f"reward.fn={DATA / 'user_rewards.py'}:brightness", f"output.dir={tmp_path / 'run'}",
+                             f"reward.fn={DATA / 'user_rewards.py'}:brightness", "reward.lam=1.0", f"output.dir={tmp_path / 'run'}",
                              f"train.prompts={pfile}", f"eval.prompts={pfile}", "train.steps=2", "train.batch_size=2",
                              "train.num_steps=3", "eval.num_steps=2", "output.tensorboard=false", "train.ema=0.9"])
     summary = train(cfg, progress=False)

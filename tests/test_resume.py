@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
 def _cfg(tmp_path, model_dir, name, *overrides, prompts=PROMPTS, reward="brightness"):
     pfile = tmp_path / f"{name}_prompts.txt"
     pfile.write_text("\n".join(prompts) + "\n")
-    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:{reward}",
+    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:{reward}", "reward.lam=1.0",
                               f"output.dir={tmp_path / name}", f"train.prompts={pfile}", f"eval.prompts={pfile}", "train.steps=4",
                               "train.batch_size=2", "train.num_steps=4", "train.lr=1e-2", "train.ema=0.9", "eval.num_steps=2",
                               "eval.grid_size=2", "method.pairs_per_rollout=2", "output.tensorboard=false", *overrides])

@@ -34,8 +34,10 @@ class RewardConfig:
     # a built-in name, "module.path:callable", "path/to/file.py:callable", or weights of several:
     # {hpsv2.1: 1.0, pickscore: 0.5} (each component is logged as reward/<name>)
     fn: str | dict[str, float] = "shapematch"
-    lam: float = 1.0  # hinge: loss = max(0, lam - reward) * scale
-    scale: float = 1.0
+    # hinge: loss = max(0, lam - reward) * scale; None = the built-in reward's own (rewards.HINGE: the paper's
+    # margin on that reward's scale); a user's reward or a weighted sum must set lam
+    lam: float | None = None
+    scale: float | None = None
     path: str | None = None  # weights folder of a built-in reward (default: the shipped one)
 
 
@@ -194,8 +196,17 @@ def build(data: dict) -> Config:
                 raise UserError(f"unknown config key '{section}.{key}'{_closest(key, [f'{k}' for k in fields])}")
             setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
     from .methods import build_method
+    from .rewards import default_hinge
 
     cfg.method = build_method(cfg.method, typed_options=True)  # validates the method's name and options now, before any work
+    hinge = default_hinge(cfg.reward.fn)
+    if cfg.reward.lam is None:
+        if hinge is None:
+            raise UserError(f"reward.lam is not set and reward.fn {cfg.reward.fn!r} is not a built-in, so its scale is unknown; set "
+                            "reward.lam, the hinge margin max(0, lam - reward), above the rewards training should raise")
+        cfg.reward.lam = hinge[0]
+    if cfg.reward.scale is None:
+        cfg.reward.scale = hinge[1] if hinge is not None else 1.0
     return cfg
 
 

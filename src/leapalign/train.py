@@ -297,11 +297,25 @@ def average_across_ranks(params, agg: dict, bad: str | None, grads: bool = True)
 
 
 class Guard:
-    """Counts skipped (non-finite) steps, stops a run that keeps failing, and warns once when the reward collapses."""
+    """Counts skipped (non-finite) steps, stops a run that keeps failing, and warns once when the reward collapses
+    or when the hinge passes no gradient at the first step (a margin on another scale than the reward's)."""
 
-    def __init__(self, max_in_a_row: int, say):
-        self.max_in_a_row, self.say = max_in_a_row, say
-        self.skipped, self.in_a_row, self.rewards, self.warned = 0, 0, [], False
+    def __init__(self, max_in_a_row: int, say, lam: float):
+        self.max_in_a_row, self.lam = max_in_a_row, lam
+        self.skipped, self.in_a_row, self.rewards, self.warned, self.warnings = 0, 0, [], False, []
+        self._say = say
+
+    def say(self, line: str) -> None:
+        if line.startswith("warning"):
+            self.warnings.append(line)
+        self._say(line)
+
+    def watch_hinge(self, rec: dict, first: bool) -> None:
+        """relu(lam - r) is zero for every sample of the run's first step: say so, with the rewards' range."""
+        if first and rec.get("active") == 0 and "skipped" not in rec:
+            self.say(f"warning: every sample's reward is above reward.lam = {self.lam:g} (rewards {rec['reward_min']:.4g} to "
+                     f"{rec['reward_max']:.4g}): the hinge passes no gradient and nothing trains; set reward.lam above "
+                     "the rewards it should raise (docs/rewards.md gives each reward's range)")
 
     def record(self, step: int, bad: str | None, rec: dict) -> int:
         if bad is None:
@@ -515,7 +529,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
 
         bar = tqdm(bar, desc=f"{method.name}", initial=start, total=tc.steps)
     say = (bar.write if progress else print) if main else (lambda message: None)  # one voice, not one per rank
-    guard = Guard(tc.max_bad_steps, say)
+    guard = Guard(tc.max_bad_steps, say, cfg.reward.lam)
     if start == 0:
         judged(0, before)
     else:  # resumed: the watch starts from `before`, nothing to log again
@@ -527,7 +541,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         for step in bar:
             t0 = time.time()
             rec: dict = {"step": step + 1}
-            agg = {"reward": 0.0, "loss": 0.0}
+            agg = {"reward": 0.0, "loss": 0.0, "active": 0.0, "reward_min": math.inf, "reward_max": -math.inf}
             infos, bad, prompts = [], None, []
             for _ in range(tc.grad_accum):
                 # every rank draws the whole global batch from the shared generators and keeps its slice,
@@ -545,6 +559,8 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
                     bad = bad or "reward"
                     continue
                 agg["reward"] += r.mean().item() / tc.grad_accum
+                agg["active"] += (losses > 0).float().mean().item() / tc.grad_accum  # samples the hinge trains on
+                agg["reward_min"], agg["reward_max"] = min(agg["reward_min"], r.min().item()), max(agg["reward_max"], r.max().item())
                 components = getattr(reward, "last_components", {})  # of this call: surrogates may score again
                 if len(components) > 1:  # a weighted sum: each reward logged by name
                     for name, values in components.items():
@@ -588,6 +604,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
             rec["seconds"] = time.time() - t0
             rec["peak_memory_mb"] = peak_memory_mb(device)
             guard.watch_reward(rec)
+            guard.watch_hinge(rec, first=step == start)
             metrics.append(rec)
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
@@ -650,6 +667,8 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         summary["hack_warnings"] = hack_warnings
     if guard.skipped:
         summary["skipped_steps"] = guard.skipped
+    if guard.warnings:
+        summary["warnings"] = guard.warnings
     write_json(out / "summary.json", summary)
     evals = ([{"step": 0, **before}] if start == 0 else []) + during + [{"step": stopped_at or tc.steps, **after}]
     plot_curve([m for m in metrics if "skipped" not in m], out / "reward_curve.png", evals)

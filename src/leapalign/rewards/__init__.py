@@ -54,6 +54,25 @@ BUILTIN: dict[str, Callable[..., RewardFn]] = {
 }
 
 
+# The hinge max(0, lam - r) * scale each built-in trains with unless reward.lam / reward.scale say otherwise:
+# the margin of the paper that trained on the reward, on our reward's own scale (docs/rewards.md: ranges, sources).
+HINGE: dict[str, tuple[float, float]] = {
+    "hpsv2": (0.55, 1.0),  # LeapAlign: 0.55 on HPSv2.1's cosine (FLUX.1-dev scores about 0.31)
+    "hpsv2.1": (0.55, 1.0),
+    "pickscore": (40.0, 0.01),  # LeapAlign: 0.4 on the cosine; ours is 100 cos (PickScore's logit scale), so 40 x 0.01
+    "clipscore": (2.5, 1.0),  # no published margin: the score's maximum, every sample trains
+    "aesthetic": (10.0, 1.0),  # no published margin: the top of the 1-10 scale
+    "imagereward": (2.0, 1e-3),  # ImageReward's ReFL: relu(2 - r) * grad_scale 1e-3
+    "shapematch": (1.0, 1.0),  # its maximum (every term satisfied)
+    "shapescore": (1.0, 1.0),  # a probability-like score in [0, 1]
+}
+
+
+def default_hinge(fn) -> tuple[float, float] | None:
+    """(lam, scale) a built-in reward trains with by default; None for a user's reward or a weighted sum."""
+    return HINGE.get(fn) if isinstance(fn, str) else None
+
+
 def _import_callable(spec: str):
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
