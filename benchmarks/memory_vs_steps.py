@@ -22,7 +22,7 @@ from pathlib import Path
 
 METHODS = {  # name -> method options; alignprop back-propagates through the whole rollout
     "leapalign": lambda n: {"name": "leapalign"},
-    "alignprop": lambda n: {"name": "alignprop", "min_k": n},
+    "alignprop": lambda n: {"name": "alignprop", "truncation": "uniform", "min_k": n},
     "draft_k": lambda n: {"name": "draft_k", "k": 2},
     "drtune": lambda n: {"name": "drtune"},
 }

@@ -228,3 +228,41 @@ def test_the_anchor_base_is_the_model_without_its_lora(model_dir):
     ref.backward()
     assert ref.item() > 1e-8 and value == pytest.approx(ref.item(), rel=1e-4)
     conftest.assert_grads_close(got, grads(), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux2_klein", "qwen_image"])
+def test_detached_uncond_branch_gradient_equals_a_reference(family):
+    """Real CFG, v = v_u + s (v_c - v_u) (Qwen-Image then rescales to |v_c|). With model.detach_uncond the
+    unconditional branch runs apart without gradient: the value is the doubled batch's, and the gradient equals a
+    reference built from two guidance-1 calls, v_c with gradient and v_u (the empty prompt) under no_grad.
+    Defaults as the reference trainers: FLUX.2 klein detaches, SD3 (its LeapAlign config) and Qwen-Image do not."""
+    pipe = BUILDERS[family]()
+    adapter = ADAPTERS[type(pipe).__name__]
+    s, sigma = 4.0, torch.tensor(0.6)
+    x = adapter(pipe).initial_noise(2, 16, 16, torch.Generator().manual_seed(0))
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def grad_of(v):
+        (v * probe).sum().backward()
+        out = torch.cat([p.grad.flatten() for p in pipe.transformer.parameters() if p.grad is not None])
+        pipe.transformer.zero_grad(set_to_none=True)
+        return v.detach(), out
+
+    results = {}
+    for detach in (True, False):
+        bb = adapter(pipe, guidance_scale=s, detach_uncond=detach)
+        results[detach] = grad_of(bb.velocity(x, sigma, bb.at_resolution(bb.encode_prompts(PROMPTS[:2]), 16, 16)))
+    one = adapter(pipe, guidance_scale=1.0)
+    assert not one.do_cfg
+    v_c = one.velocity(x, sigma, one.at_resolution(one.encode_prompts(PROMPTS[:2]), 16, 16))
+    with torch.no_grad():
+        v_u = one.velocity(x, sigma, one.at_resolution(one.encode_prompts(["", ""]), 16, 16))
+    v_ref = v_u + s * (v_c - v_u)
+    if family == "qwen_image":  # the pipeline's norm rescale
+        v_ref = v_ref * (torch.norm(v_c, dim=-1, keepdim=True) / torch.norm(v_ref, dim=-1, keepdim=True))
+    value_ref, grad_ref = grad_of(v_ref)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[True][0], value_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[True][1], grad_ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(results[False][1], grad_ref, rtol=1e-3, atol=1e-5)  # the joint gradient is another one
+    assert adapter(pipe).detach_uncond is {"sd3": False, "flux2_klein": True, "qwen_image": False}[family]

@@ -16,9 +16,10 @@ from conftest import assert_grads_close, grads_differ
 from leapalign.backbones.flux import FluxBackbone
 from leapalign.errors import UserError
 from leapalign.methods import REGISTRY, Method, build_method
+from leapalign.methods.alignprop import gaussian_k
 from leapalign.methods.draft import DraftLV, chain_surrogate, lv_surrogate
 from leapalign.methods.drtune import drtune_surrogate, spaced_steps
-from leapalign.methods.flowbp import flowbp_surrogate
+from leapalign.methods.flowbp import flowbp_surrogate, late_biased_steps
 from leapalign.methods.refl import refl_surrogate, window_steps
 from leapalign.rollout import rollout
 from leapalign.train import backward_surrogates
@@ -117,30 +118,35 @@ def ref_chain(s, K):
     return s.loss(x + (s.traj.sample - x).detach()), x
 
 
-def ref_lv(s, eps_list):
+def ref_lv(s, eps_list, include_base=True):
+    """The batch mean over DRaFT-1's prediction (the last step re-run with gradient) and the n re-noised ones."""
     sig = s.traj.sigmas[STEPS - 1]
-    total = 0.0
+    terms = [ref_chain(s, 1)[0]] if include_base else []
     for eps in eps_list:
         xp = (1 - sig) * s.traj.sample + sig * eps
-        total = total + s.loss(xp - sig * v(s, xp, STEPS - 1))
-    return total
+        terms.append(s.loss(xp - sig * v(s, xp, STEPS - 1)))
+    return sum(terms) / len(terms)
 
 
-def ref_drtune(s, trained, t_min, keep_all=False):
-    """DRTune's sampling loop re-run from the noise: inputs detached, untrained velocities detached."""
+def ref_drtune(s, trained, t_min, keep_all=False, train_stop=False):
+    """DRTune's sampling loop re-run from the noise: inputs detached, untrained velocities detached; the stop step's
+    velocity keeps its gradient only when it is trained (or train_stop)."""
     sig = s.traj.sigmas
     x = s.traj.states[0]
     for i in range(t_min):
         vi = v(s, x.detach(), i)
         x = x + (sig[i + 1] - sig[i]) * (vi if (keep_all or i in trained) else vi.detach())
-    return s.loss(x - sig[t_min] * v(s, x.detach(), t_min)), x
+    v_stop = v(s, x.detach(), t_min)
+    if not (train_stop or t_min in trained):
+        v_stop = v_stop.detach()
+    return s.loss(x - sig[t_min] * v_stop), x
 
 
-def ref_flowbp(s, active):
-    """Straight-through: value x_N, gradient sum over active i of dt_i dv_i/dtheta (inputs detached)."""
+def ref_flowbp(s, active, g=1.0):
+    """Straight-through: value x_N, gradient g x the sum over active i of dt_i dv_i/dtheta (inputs detached)."""
     sig, x = s.traj.sigmas, s.traj.states
     inc = sum((sig[i + 1] - sig[i]) * v(s, x[i].detach(), i) for i in active)
-    return s.loss(s.traj.sample + inc - inc.detach())
+    return s.loss(s.traj.sample + g * (inc - inc.detach()))
 
 
 # ---------------------------------------------------------------- fixed choices == reference
@@ -178,66 +184,85 @@ def test_alignprop_checkpointing_matches_plain_and_reference(s):
 def test_alignprop_method_draws_k_and_matches_reference(s):
     seen = set()
     for seed in range(12):
-        g, infos = s.library(build_method({"name": "alignprop", "max_k": 3}), torch.Generator().manual_seed(seed))
+        g, infos = s.library(build_method({"name": "alignprop", "truncation": "uniform", "max_k": 3}), torch.Generator().manual_seed(seed))
         (info,) = infos
         assert 1 <= info["K"] <= 3 and info["k"] == STEPS - info["K"]
         if info["K"] not in seen:
             seen.add(info["K"])
             assert_grads_close(g, s.reference(ref_chain(s, info["K"])[0]))
     assert seen == {1, 2, 3}
-    infos = list(build_method({"name": "alignprop", "max_k": 99}).surrogates(s.bb, s.traj, torch.Generator().manual_seed(0)))
+    infos = list(build_method({"name": "alignprop", "truncation": "uniform", "max_k": 99}).surrogates(s.bb, s.traj, torch.Generator().manual_seed(0)))
     assert 1 <= infos[0].info["K"] <= STEPS  # clamped to the rollout
 
 
-def test_draft_lv_sums_rewards_over_renoisings(s):
+def test_alignprop_default_truncation_is_its_gaussian():
+    """AlignProp's code: the start t ~ Normal(42, 5) of 50 steps, redrawn into [1, 49]; K = 50 - t, about 8."""
+    gen = torch.Generator().manual_seed(0)
+    ks = torch.tensor([gaussian_k(50, 0.84, 0.1, gen) for _ in range(4000)], dtype=torch.float64)
+    assert 1 <= ks.min() and ks.max() <= 49
+    # int() truncation and the rejected tail t >= 50: E[K] = 50 - E[int(t)] ~ 9.1 (measured 9.09)
+    assert 8.6 < ks.mean() < 9.6 and 4.0 < ks.std() < 5.5
+    assert all(1 <= gaussian_k(6, 0.84, 0.1, gen) <= 5 for _ in range(200))
+    assert build_method({"name": "alignprop"}).truncation == "gaussian"
+
+
+@pytest.mark.parametrize("include_base", [True, False])
+def test_draft_lv_averages_base_and_renoisings(s, include_base):
     seed, n = 3, 2
     gen = torch.Generator().manual_seed(seed)
     eps = [torch.randn(s.traj.sample.shape, generator=gen) for _ in range(n)]
-    g_ref = s.reference(ref_lv(s, eps))
-    g, infos = s.library(DraftLV(n=n), torch.Generator().manual_seed(seed))
-    assert [i["k"] for i in infos] == [STEPS - 1] * n
+    g_ref = s.reference(ref_lv(s, eps, include_base))
+    g, infos = s.library(DraftLV(n=n, include_base=include_base), torch.Generator().manual_seed(seed))
+    assert [i["k"] for i in infos] == [STEPS - 1] * (n + include_base)
     assert_grads_close(g, g_ref)
-    assert grads_differ(s.reference(ref_lv(s, eps[:1])), g_ref)  # both draws count
-    sur = lv_surrogate(s.bb, s.traj, s.traj.sample, n)
-    assert not sur.connected and torch.equal(sur.weight, torch.full((s.B,), float(n)))
+    assert grads_differ(s.reference(ref_lv(s, eps[:1], include_base)), g_ref)  # both draws count
+    assert grads_differ(s.reference(ref_lv(s, eps, not include_base)), g_ref)  # and the base term is (not) in the mean
+    sur = lv_surrogate(s.bb, s.traj, s.traj.sample)
+    assert not sur.connected and torch.equal(sur.weight, torch.ones(s.B))
 
 
-@pytest.mark.parametrize("trained,t_min", [([0, 2], 4), ([1], 3), ([], 5)])
-def test_drtune_gradient(s, trained, t_min):
-    loss, x_tmin = ref_drtune(s, trained, t_min)
+@pytest.mark.parametrize("trained,t_min,train_stop", [([0, 2], 4, False), ([1, 3], 3, False), ([], 5, True), ([1], 3, True)])
+def test_drtune_gradient(s, trained, t_min, train_stop):
+    loss, x_tmin = ref_drtune(s, trained, t_min, train_stop=train_stop)
     torch.testing.assert_close(x_tmin.detach(), s.traj.states[t_min], rtol=0, atol=1e-5)
     g_ref = s.reference(loss)
-    sur = drtune_surrogate(s.bb, s.traj, trained, t_min)
+    sur = drtune_surrogate(s.bb, s.traj, trained, t_min, train_stop)
     assert not sur.connected and (sur.info["k"], sur.info["j"]) == (trained, t_min)
-    g, _ = s.library(Fixed(lambda bb, tr: drtune_surrogate(bb, tr, trained, t_min)))
+    g, _ = s.library(Fixed(lambda bb, tr: drtune_surrogate(bb, tr, trained, t_min, train_stop)))
     assert_grads_close(g, g_ref)
     # the detached steps contribute nothing: keeping them all would change the gradient
-    assert grads_differ(s.reference(ref_drtune(s, trained, t_min, keep_all=True)[0]), g_ref)
+    assert grads_differ(s.reference(ref_drtune(s, trained, t_min, keep_all=True, train_stop=train_stop)[0]), g_ref)
+    if trained and t_min not in trained and not train_stop:  # the stop step's velocity carries gradient only when it is trained
+        assert grads_differ(s.reference(ref_drtune(s, trained, t_min, train_stop=True)[0]), g_ref)
 
 
 def test_drtune_method_choices(s):
+    """Defaults: t_min from the last 40% of the rollout, k = 3 steps evenly spaced over 0 ... t_min."""
     for seed in range(8):
-        g, (info,) = s.library(build_method({"name": "drtune", "k": 2}), torch.Generator().manual_seed(seed))
+        g, (info,) = s.library(build_method({"name": "drtune"}), torch.Generator().manual_seed(seed))
         t_min, trained = info["j"], info["k"]
-        assert t_min in window_steps(STEPS, (0.56, 1.0))
-        assert len(trained) == min(2, t_min) and all(0 <= i < t_min for i in trained)
+        assert t_min in window_steps(STEPS, (0.6, 1.0)) == [4, 5]
+        stride = (t_min + 1) // 3
+        assert len(trained) == 3 and all(b - a == stride for a, b in zip(trained, trained[1:])) and 0 <= trained[0] and trained[-1] <= t_min
         if seed < 2:
             assert_grads_close(g, s.reference(ref_drtune(s, trained, t_min)[0]))
 
 
-def test_spaced_steps_are_even_with_random_offset():
-    offsets = set()
-    for seed in range(40):
-        steps = spaced_steps(14, 2, torch.Generator().manual_seed(seed))
-        assert len(steps) == 2 and steps[1] - steps[0] == 7 and 0 <= steps[0] < 7 and steps[1] < 14
-        offsets.add(steps[0])
-    assert len(offsets) > 3
-    assert spaced_steps(2, 3, torch.Generator()) == [0, 1]
-    assert spaced_steps(0, 2, torch.Generator()) == []
+def test_spaced_steps_are_even_over_the_prefix_with_random_offset():
+    """The reference's rule: stride (t_min + 1) // k, start uniform in [0, t_min - (k - 1) stride]."""
+    starts = set()
+    for seed in range(60):
+        steps = spaced_steps(24, 3, torch.Generator().manual_seed(seed))  # t_min = 24 of 25: stride 8, start 0 ... 8
+        assert len(steps) == 3 and steps[1] - steps[0] == steps[2] - steps[1] == 8 and steps[2] <= 24
+        starts.add(steps[0])
+    assert starts == set(range(9))  # t_min itself is trained when the start is 8
+    assert spaced_steps(2, 3, torch.Generator()) == [0, 1, 2]
+    assert spaced_steps(0, 2, torch.Generator()) == [0]
 
 
 @pytest.mark.parametrize("active", [[2], [0, 4]])
 def test_flowbp_sparse_gradient_and_endpoint(s, active):
+    """Without rescaling (grad_rescale 0)."""
     x, sig, vel = s.traj.states, s.traj.sigmas, s.traj.velocities
     rebuilt = x[0] + sum((sig[i + 1] - sig[i]) * vel[i] for i in range(STEPS))
     torch.testing.assert_close(rebuilt, s.traj.sample, rtol=0, atol=1e-5)
@@ -249,13 +274,31 @@ def test_flowbp_sparse_gradient_and_endpoint(s, active):
 
 
 def test_flowbp_sparse_method(s):
-    method = build_method({"name": "flowbp_sparse", "k": 3})
-    assert method.needs_velocities
+    """Defaults: 3 active steps, the gradient rescaled by the whole sigma span over the active steps' (1 / that sum)."""
+    method = build_method({"name": "flowbp_sparse"})
+    assert method.needs_velocities and (method.k, method.late_bias, method.grad_rescale) == (3, 2.0, 1.0)
     g, (info,) = s.library(method, torch.Generator().manual_seed(1))
-    assert len(set(info["k"])) == 3 and all(0 <= i < STEPS for i in info["k"])
-    assert_grads_close(g, s.reference(ref_flowbp(s, info["k"])))
+    active = info["k"]
+    assert len(set(active)) == 3 and all(0 <= i < STEPS for i in active)
+    sig = s.traj.sigmas
+    span = 1.0 / sum(float(sig[i] - sig[i + 1]) for i in active)  # sigma runs from 1 to 0
+    assert_grads_close(g, s.reference(ref_flowbp(s, active, g=span)))
+    assert grads_differ(s.reference(ref_flowbp(s, active)), g)
+    g_half, _ = s.library(build_method({"name": "flowbp_sparse", "grad_rescale": 0.5}), torch.Generator().manual_seed(1))
+    assert_grads_close(g_half, s.reference(ref_flowbp(s, active, g=1 + 0.5 * (span - 1))))
     with pytest.raises(UserError, match="method.k"):
         list(build_method({"name": "flowbp_sparse", "k": STEPS + 1}).surrogates(s.bb, s.traj, torch.Generator()))
+
+
+def test_flowbp_sparse_draws_late_steps_more_often():
+    """P(i) proportional to (i + 1)^2 without replacement: with k = 1 the frequencies follow the weights."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(6000):
+        counts[late_biased_steps(6, 1, 2.0, gen)[0]] += 1
+    want = torch.arange(1, 7, dtype=torch.float32) ** 2
+    torch.testing.assert_close(counts / counts.sum(), want / want.sum(), atol=0.02, rtol=0)
+    assert all(len(set(late_biased_steps(6, 4, 2.0, gen))) == 4 for _ in range(50))
 
 
 def test_refl_method_draws_from_window(s):
@@ -263,7 +306,8 @@ def test_refl_method_draws_from_window(s):
     for seed in range(12):
         (sur,) = build_method({"name": "refl"}).surrogates(s.bb, s.traj, torch.Generator().manual_seed(seed))
         seen.add(sur.info["k"])
-    assert seen == {3, 4, 5}  # late half of 6 steps
+    assert seen == {4, 5}  # the last quarter of 6 steps (ImageReward: steps 30-39 of 40)
+    assert window_steps(40, (0.75, 1.0)) == list(range(30, 40))
     g, (info,) = s.library(build_method({"name": "refl", "window": [0.0, 0.5]}), torch.Generator().manual_seed(4))
     assert info["k"] in (0, 1, 2)
     assert_grads_close(g, s.reference(ref_refl(s, info["k"])))
@@ -289,6 +333,9 @@ def test_every_method_builds_with_defaults():
     ({"name": "drtune", "k": 0}, "method.k"),
     ({"name": "drtune", "stop_window": [0.9, 0.2]}, "method.stop_window"),
     ({"name": "alignprop", "max_k": 0}, "method.max_k"),
+    ({"name": "alignprop", "truncation": "normal"}, "method.truncation"),
+    ({"name": "alignprop", "mean": 1.5}, "method.mean"),
+    ({"name": "flowbp_sparse", "late_bias": -1}, "method.late_bias"),
     ({"name": "flowbp_sparse", "k": -1}, "method.k"),
     ({"name": "alignprop", "checkpointing": "maybe"}, "method.checkpointing"),
     ({"name": "draft_k", "K": 2}, "method.K"),

@@ -25,6 +25,9 @@ class ModelConfig:
     # classifier-free guidance in every velocity (defaults 7.0 / 4.0); None = the family's default
     guidance_scale: float | None = None
     negative_prompt: str = ""  # the unconditional prompt of real CFG
+    # real CFG: the unconditional branch without gradient in steps that carry it (half the activations);
+    # None = the family's reference default (FLUX.2 klein true, SD3 and Qwen-Image false)
+    detach_uncond: bool | None = None
     max_sequence_length: int | None = None  # T5 tokens; None = the pipeline's default (FLUX 512, SD3 256)
     dtype: str = "float32"  # float32 | bfloat16 | float16
 

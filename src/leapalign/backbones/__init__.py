@@ -83,7 +83,7 @@ def adapter_options(adapter, model_cfg) -> dict:
     """The model.* settings this adapter takes; None means the adapter's own default."""
     accepted = inspect.signature(adapter).parameters
     options = {"guidance_scale": model_cfg.guidance_scale, "max_sequence_length": model_cfg.max_sequence_length,
-               "negative_prompt": model_cfg.negative_prompt}
+               "negative_prompt": model_cfg.negative_prompt, "detach_uncond": model_cfg.detach_uncond}
     return {k: v for k, v in options.items() if k in accepted and v is not None}
 
 

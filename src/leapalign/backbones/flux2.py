@@ -54,9 +54,10 @@ class Flux2KleinBackbone(Backbone):
     family = "FLUX.2"
 
     def __init__(self, pipe, guidance_scale: float = 4.0, max_sequence_length: int | None = None,
-                 negative_prompt: str = "", text_encoder_out_layers: tuple[int, ...] | None = None):
+                 negative_prompt: str = "", text_encoder_out_layers: tuple[int, ...] | None = None, detach_uncond: bool = True):
         super().__init__(pipe, guidance_scale, max_sequence_length)
         self.negative_prompt = negative_prompt  # the klein pipeline always uses ""
+        self.detach_uncond = detach_uncond  # the reference's FLUX.2 trainers: cfg_detach_neg true
         if text_encoder_out_layers is None:  # the pipeline's default: which hidden layers are stacked
             text_encoder_out_layers = inspect.signature(pipe.encode_prompt).parameters["text_encoder_out_layers"].default
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
@@ -115,23 +116,28 @@ class Flux2KleinBackbone(Backbone):
             if side * side != n_img:
                 raise ValueError(f"{n_img} image tokens are not a square grid; call backbone.at_resolution(cond, height, width) first")
             img_ids = token_ids(side, side).to(x.device)
-        embeds, x_in = cond.batch["embeds"], x
-        if self.do_cfg:  # cond and uncond in one doubled batch (same text length: both padded)
-            embeds = torch.cat([embeds, cond.shared["neg_embeds"].expand(b, -1, -1)])
-            x_in = torch.cat([x, x])
-        n = x_in.shape[0]
+        embeds = cond.batch["embeds"]
+        if not self.do_cfg:
+            return self._call(x, sigma, embeds, cond, img_ids)
+        neg = cond.shared["neg_embeds"].expand(b, -1, -1)
+        if self.split_uncond:
+            v_text = self._call(x, sigma, embeds, cond, img_ids)
+            with torch.no_grad():
+                v_uncond = self._call(x.detach(), sigma, neg, cond, img_ids)
+        else:  # cond and uncond in one doubled batch (same text length: both padded)
+            v_text, v_uncond = self._call(torch.cat([x, x]), sigma, torch.cat([embeds, neg]), cond, img_ids).chunk(2)
+        return v_uncond + self.guidance_scale * (v_text - v_uncond)
+
+    def _call(self, x_in: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, cond: Conditioning, img_ids) -> torch.Tensor:
+        n, n_img = x_in.shape[0], x_in.shape[1]
         # the pipeline feeds (sigma * 1000) in the latent dtype, / 1000
-        t = (sigma * self.pipe.scheduler.config.num_train_timesteps).expand(n).to(x.dtype)
+        t = (sigma * self.pipe.scheduler.config.num_train_timesteps).expand(n).to(x_in.dtype)
         guidance = None
         if self.embedded_guidance:
-            guidance = torch.full((n,), self.guidance_scale, device=x.device, dtype=torch.float32)
-        v = self.transformer(hidden_states=x_in.to(self.transformer.dtype), timestep=t / 1000, guidance=guidance,
-                             encoder_hidden_states=embeds, txt_ids=cond.shared["txt_ids"], img_ids=img_ids,
-                             return_dict=False)[0][:, :n_img]
-        if self.do_cfg:
-            v_text, v_uncond = v.chunk(2)
-            v = v_uncond + self.guidance_scale * (v_text - v_uncond)
-        return v
+            guidance = torch.full((n,), self.guidance_scale, device=x_in.device, dtype=torch.float32)
+        return self.transformer(hidden_states=x_in.to(self.transformer.dtype), timestep=t / 1000, guidance=guidance,
+                                encoder_hidden_states=embeds, txt_ids=cond.shared["txt_ids"], img_ids=img_ids,
+                                return_dict=False)[0][:, :n_img]
 
     def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.vae.bn

@@ -8,6 +8,8 @@ norm-rescaled to the conditional prediction's norm, gradient steps included.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -31,13 +33,14 @@ class QwenImageBackbone(Backbone):
     family = "Qwen-Image"
 
     def __init__(self, pipe, guidance_scale: float = 4.0, max_sequence_length: int | None = None,
-                 negative_prompt: str | None = "", true_cfg_scale: float | None = None):
+                 negative_prompt: str | None = "", true_cfg_scale: float | None = None, detach_uncond: bool = False):
         if pipe.transformer.config.guidance_embeds:
             raise ValueError("guidance-distilled Qwen-Image transformers (guidance_embeds=True) are not supported")
         super().__init__(pipe, true_cfg_scale if true_cfg_scale is not None else guidance_scale, max_sequence_length)
         if self.max_sequence_length > 1024:
             raise ValueError(f"max_sequence_length cannot be greater than 1024 for Qwen-Image, got {self.max_sequence_length}")
         self.negative_prompt = negative_prompt  # None: no CFG, as in the pipeline
+        self.detach_uncond = detach_uncond  # no reference trains Qwen-Image: the exact gradient by default
 
     @property
     def true_cfg_scale(self) -> float:
@@ -114,7 +117,8 @@ class QwenImageBackbone(Backbone):
         t = (sigma * self.pipe.scheduler.config.num_train_timesteps).expand(b).to(x.dtype)
         v = self._transformer(x, t, cond.batch["embeds"], cond.batch["mask"], img_shapes)
         if self.do_cfg:  # two passes like the pipeline: the two text lengths differ
-            neg = self._transformer(x, t, cond.shared["neg_embeds"].expand(b, -1, -1), None, img_shapes)
+            with torch.no_grad() if self.split_uncond else contextlib.nullcontext():
+                neg = self._transformer(x.detach() if self.split_uncond else x, t, cond.shared["neg_embeds"].expand(b, -1, -1), None, img_shapes)
             comb = neg + self.guidance_scale * (v - neg)
             v = comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
         return v

@@ -2,7 +2,8 @@
 
 SD3 uses real classifier-free guidance: with guidance_scale > 1 every velocity, in the rollout
 and in every step that carries gradient, is v_uncond + s (v_cond - v_uncond) from one doubled
-transformer batch, exactly as the pipeline computes it.  Latents keep the VAE's (B, C, h, w)
+transformer batch, exactly as the pipeline computes it; with `detach_uncond` a step that carries
+gradient runs v_uncond apart, without gradient.  Latents keep the VAE's (B, C, h, w)
 layout; the transformer patchifies them itself.
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ class SD3Backbone(Backbone):
     default_max_sequence_length = 256  # the pipeline's default
     family = "SD3"
 
-    def __init__(self, pipe, guidance_scale: float = 7.0, max_sequence_length: int | None = None, negative_prompt: str = ""):
+    def __init__(self, pipe, guidance_scale: float = 7.0, max_sequence_length: int | None = None, negative_prompt: str = "",
+                 detach_uncond: bool = False):
         super().__init__(pipe, guidance_scale, max_sequence_length)
         self.negative_prompt = negative_prompt
+        self.detach_uncond = detach_uncond  # the reference's LeapAlign SD3.5 config keeps the gradient (cfg_detach_neg: false)
 
     @property
     def do_cfg(self) -> bool:
@@ -70,23 +73,26 @@ class SD3Backbone(Backbone):
         return scheduler.sigmas.to(device=self.device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ the model
+    def _call(self, x_in: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        timestep = (sigma * 1000).expand(x_in.shape[0])  # the scheduler's timesteps, float32
+        return self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=embeds,
+                                pooled_projections=pooled, return_dict=False)[0]
+
     def velocity(self, x: torch.Tensor, sigma, cond: Conditioning) -> torch.Tensor:
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         embeds, pooled = cond.batch["embeds"], cond.batch["pooled"]
-        if self.do_cfg:
-            neg_e = cond.shared["neg_embeds"].expand(b, -1, -1)
-            neg_p = cond.shared["neg_pooled"].expand(b, -1)
-            embeds, pooled, x_in = torch.cat([neg_e, embeds]), torch.cat([neg_p, pooled]), torch.cat([x, x])
+        if not self.do_cfg:
+            return self._call(x, sigma, embeds, pooled)
+        neg_e = cond.shared["neg_embeds"].expand(b, -1, -1)
+        neg_p = cond.shared["neg_pooled"].expand(b, -1)
+        if self.split_uncond:
+            v_text = self._call(x, sigma, embeds, pooled)
+            with torch.no_grad():
+                v_uncond = self._call(x.detach(), sigma, neg_e, neg_p)
         else:
-            x_in = x
-        timestep = (sigma * 1000).expand(x_in.shape[0])  # the scheduler's timesteps, float32
-        v = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=embeds,
-                             pooled_projections=pooled, return_dict=False)[0]
-        if self.do_cfg:
-            v_uncond, v_text = v.chunk(2)
-            v = v_uncond + self.guidance_scale * (v_text - v_uncond)
-        return v
+            v_uncond, v_text = self._call(torch.cat([x, x]), sigma, torch.cat([neg_e, embeds]), torch.cat([neg_p, pooled])).chunk(2)
+        return v_uncond + self.guidance_scale * (v_text - v_uncond)
 
     def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         z = (x / self.vae.config.scaling_factor + self.vae.config.shift_factor).to(self.vae.dtype)

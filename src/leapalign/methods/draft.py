@@ -1,9 +1,12 @@
 """DRaFT (Clark et al. 2024): truncated back-propagation through the end of the rollout.
 
 DRaFT-K re-runs the last K steps chained with gradient from sg(x_{N-K}) and connects the chain's
-endpoint to the real x_N.  DRaFT-LV re-noises the real sample n times to the last step's sigma s,
+endpoint to the real x_N.  DRaFT-LV (K = 1) re-noises the real sample n times to the last step's sigma s,
     x' = (1 - s) sg(x_N) + s eps,   x0hat = x' + (0 - s) v(x', s),
-and sums the rewards of the n predictions.
+and averages the rewards of the n predictions together with DRaFT-1's own (the last step re-run with
+gradient, value x_N): n = 2, as the paper; the mean of the n + 1 terms as the reference code that carries
+it (FlowBP's flux1/draft_lv.py, `num_noised_samples: 2`, one batch mean over base and copies).
+`method.include_base=false` leaves the n re-noised predictions only (their mean; a sum is reward.scale x n).
 """
 from __future__ import annotations
 
@@ -37,12 +40,12 @@ def renoise(x_n: torch.Tensor, s: torch.Tensor, generator: torch.Generator) -> t
     return ((1 - s) * x_n.detach().float() + s * eps).to(x_n.dtype)
 
 
-def lv_surrogate(backbone: Backbone, traj: Trajectory, x_noisy: torch.Tensor, n: int) -> Surrogate:
-    """One re-noised draw; weight n because the trainer averages surrogates and DRaFT-LV sums them."""
+def lv_surrogate(backbone: Backbone, traj: Trajectory, x_noisy: torch.Tensor) -> Surrogate:
+    """One re-noised draw, scored itself; its prediction in float32 as the reference's."""
     i = traj.num_steps - 1
     s = traj.sigmas
-    x0hat = schedule.leap(x_noisy, backbone.velocity(x_noisy, s[i], traj.cond), s[i], s[-1])
-    return Surrogate(x0hat, torch.full((x0hat.shape[0],), float(n), device=x0hat.device), False, {"k": i})
+    x0hat = x_noisy.float() + (s[-1] - s[i]) * backbone.velocity(x_noisy, s[i], traj.cond).float()
+    return Surrogate(x0hat, torch.ones(x0hat.shape[0], device=x0hat.device), False, {"k": i})
 
 
 @dataclass
@@ -66,22 +69,27 @@ class DraftK(Method):
 
 @dataclass
 class DraftLV(Method):
-    """Options: n (re-noised copies of the sample per rollout, rewards summed)."""
+    """Options: n (re-noised copies of the sample per rollout), include_base (DRaFT-1's own term in the mean)."""
 
     n: int = 2
+    include_base: bool = True
     name = "draft_lv"
 
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"method.n must be >= 1, got {self.n}")
 
-    reward_on_sample = False
+    @property
+    def reward_on_sample(self) -> bool:  # DRaFT-1's term reuses the reward gradient at the real sample
+        return self.include_base
 
     @property
     def surrogates_per_rollout(self) -> int:
-        return self.n
+        return self.n + int(self.include_base)
 
     def surrogates(self, backbone, traj, generator):
+        if self.include_base:
+            yield chain_surrogate(backbone, traj, 1)
         s = traj.sigmas[traj.num_steps - 1]
         for _ in range(self.n):
-            yield lv_surrogate(backbone, traj, renoise(traj.sample, s, generator), self.n)
+            yield lv_surrogate(backbone, traj, renoise(traj.sample, s, generator))

@@ -1,6 +1,9 @@
-"""ReFL (ImageReward): one model call with gradient at a late step t, reward on its one-step prediction.
+"""ReFL (Xu et al. 2023, ImageReward): one model call with gradient at a late step t, reward on its one-step prediction.
 
     x0hat = x_t + (0 - sigma_t) v(sg(x_t), sigma_t)        (not connected: the reward sees x0hat)
+
+Default as ImageReward's own ReFL.py: t uniform over the last quarter of the rollout (`random.randint(30, 39)`
+of 40 steps). The LeapAlign / FlowBP comparisons draw t from the last 11 of 25 steps: `method.window=[0.56,1]`.
 """
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import schedule
 from ..backbones.base import Backbone
 from ..errors import UserError
 from ..rollout import Trajectory
@@ -33,17 +35,22 @@ def pick(steps: list[int], generator: torch.Generator) -> int:
     return steps[int(torch.randint(len(steps), (1,), generator=generator))]
 
 
+def predict_sample(backbone: Backbone, traj: Trajectory, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """x0hat = x_t + (0 - sigma_t) v(sg(x_t), sigma_t) in float32 (the reference codes' prediction), gradient through v."""
+    s = traj.sigmas
+    return x_t.float() + (s[-1] - s[t]) * backbone.velocity(x_t.detach(), s[t], traj.cond).float()
+
+
 def refl_surrogate(backbone: Backbone, traj: Trajectory, t: int) -> Surrogate:
-    x_t, s = traj.states[t], traj.sigmas
-    x0hat = schedule.leap(x_t, backbone.velocity(x_t.detach(), s[t], traj.cond), s[t], s[-1])
-    return Surrogate(x0hat, torch.ones(x_t.shape[0], device=x_t.device), False, {"k": t})
+    x0hat = predict_sample(backbone, traj, traj.states[t], t)
+    return Surrogate(x0hat, torch.ones(x0hat.shape[0], device=x0hat.device), False, {"k": t})
 
 
 @dataclass
 class ReFL(Method):
     """Options: window (fraction of the rollout the step t is drawn from, uniformly)."""
 
-    window: tuple[float, float] = (0.5, 1.0)
+    window: tuple[float, float] = (0.75, 1.0)  # ImageReward's ReFL: the last 10 of 40 steps
     name = "refl"
 
     def __post_init__(self):
