@@ -25,13 +25,28 @@ def assert_one_line_error(proc, *fragments):
     assert "Traceback" not in proc.stderr
 
 
-def test_preset_spells_out_the_defaults():
-    """configs/shapeworld_leapalign.yaml is the demo: it must equal the built-in defaults."""
-    from leapalign.methods import build_method
+def test_defaults_are_the_papers_and_shapeworlds_tuning_is_its_preset():
+    """config.py's objective and optimiser defaults are the paper's (generic where it has none); ShapeWorld's tuned
+    settings live in its preset, which `leapalign demo` loads (configs/shapeworld_leapalign.yaml is that file)."""
+    from leapalign.shapeworld import DEMO_CONFIG
 
-    preset, default = config.load(PRESET).to_dict(), config.load(None).to_dict()
-    assert build_method(preset.pop("method")) == build_method(default.pop("method"))
-    assert preset == default
+    cfg = config.load(None)
+    m, tc = cfg.method, cfg.train
+    assert (m["name"], m["alpha"], m["tau"], m["pairs_per_rollout"], m["weighting"]) == ("leapalign", 0.3, 0.1, 1, True)
+    assert (tc.num_steps, tc.ema, tc.anchor, tc.weight_decay, tc.grad_clip, tc.betas) == (25, 0.995, 0.0, 1e-4, 1.0, [0.9, 0.999])
+    assert tc.lr == 1e-4 and config.load(None, ["train.finetune=full"]).train.lr == 1e-5  # LoRA / the paper's full FT
+    assert PRESET.resolve() == DEMO_CONFIG.resolve()
+    demo = config.load(PRESET)
+    assert (demo.train.lr, demo.method["pairs_per_rollout"], demo.train.num_steps, demo.train.ema) == (1e-3, 2, 16, 0.99)
+
+
+def test_a_real_model_run_names_the_shapeworld_values_it_kept_and_the_anchor():
+    notes = config.world_notes(config.load(None, ["model.path=/models/FLUX.1-dev", "train.prompts=p.txt", "train.anchor=30",
+                                                  "reward.fn=hpsv2.1"]))
+    assert len(notes) == 2
+    assert "model.height=32" in notes[0] and "eval.prompts=shapeworld:eval" in notes[0] and "train.prompts" not in notes[0]
+    assert "train.anchor = 30" in notes[1] and "paper" in notes[1]
+    assert config.world_notes(config.load(None, ["train.anchor=30"])) == []  # ShapeWorld itself: nothing to say
 
 
 PAPER_PRESETS = {  # file: (reward, alpha, lam, resolution, iterations), the numbers the LeapAlign paper gives

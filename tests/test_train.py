@@ -56,7 +56,7 @@ def _run(tmp_path, name, *overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    summary, out = _run(tmp, "run", STEPS, "train.ema=0.5")
+    summary, out = _run(tmp, "run", STEPS, "train.ema=0.5", "method.pairs_per_rollout=2")
     return summary, out
 
 
@@ -71,7 +71,7 @@ def test_short_training_raises_the_reward_and_writes_every_output(trained):
     for key in ("reward", "loss", "grad_norm", "d_j", "d_N", "weight", "k", "j", "seconds", "peak_memory_mb"):
         assert key in rows[0], key
     pairs = [(k, j) for r in rows for k, j in zip(*(([r["k"]], [r["j"]]) if isinstance(r["k"], int) else (r["k"], r["j"])))]
-    assert len(pairs) == 30 * 2 and all(0 <= k < j < 8 for k, j in pairs)  # two pairs per rollout by default
+    assert len(pairs) == 30 * 2 and all(0 <= k < j < 8 for k, j in pairs)  # two pairs per rollout
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 

@@ -67,8 +67,10 @@ def _demo(args) -> None:
     from . import config
     from .train import train
 
+    from .shapeworld import DEMO_CONFIG
+
     overrides = [f"output.dir={args.output_dir}"] + ([f"train.steps={args.steps}"] if args.steps else []) + list(args.set or [])
-    cfg = config.load(None, overrides)
+    cfg = config.load(DEMO_CONFIG, overrides)
     summary = train(cfg)
     _print_summary(summary, cfg.output.dir)
 

@@ -1,5 +1,10 @@
 """Typed configuration: YAML presets under configs/, overridden by `--set section.key=value`.
 
+The objective and optimiser defaults are the LeapAlign paper's (or generic where it has none: LoRA at
+1e-4); the world keys (model.path, resolution, prompt sets, reward) default to the embedded ShapeWorld
+so that a run works offline, and a run on another model names those left at ShapeWorld's values.
+ShapeWorld's tuned settings are its preset, configs/shapeworld_leapalign.yaml (= `leapalign demo`).
+
 Sections: model, method, reward, train, eval, output.  Unknown keys are an error naming the
 closest valid key.  `method` holds `name` plus the options of that method (its dataclass fields).
 """
@@ -46,9 +51,9 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16
-    num_steps: int = 16  # rollout length
+    steps: int = 300  # paper: 300 iterations
+    batch_size: int = 16  # per process (paper: 64 in all)
+    num_steps: int = 25  # rollout length (paper: 25)
     prompts: str = "shapeworld:train"  # "shapeworld:train|eval" or a text file, one prompt a line
     anchor: float = 0.0  # velocity anchor beta * ||v - v_base||^2 at one rollout state per step: a brake on reward hacking; 0 = off
     balance_tags: bool = True  # draw a task tag uniformly, then a prompt of it (prompt sets with tags)
@@ -56,12 +61,12 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
-    lr: float = 1e-3
+    lr: float | None = None  # None: 1e-5 for full fine-tuning (paper), 1e-4 for LoRA
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     grad_accum: int = 1
-    ema: float | None = 0.99  # evaluate and save an exponential moving average of the weights (paper: 0.995); None = off
+    ema: float | None = 0.995  # evaluate and save an exponential moving average of the weights (paper); None = off
     seed: int = 0
     save_every: int = 0  # checkpoint interval in steps; 0 = only at the end
     keep_last_n: int = 0  # checkpoints kept on disk (the newest ones); 0 = all
@@ -80,7 +85,7 @@ class EvalConfig:
     prompts: str = "shapeworld:eval"
     num_images: int = 0  # 0 = one image per prompt row
     num_steps: int = 28  # FluxPipeline's default
-    batch_size: int = 96
+    batch_size: int = 16
     every: int = 100  # also evaluate every N steps (summary.json "during", tensorboard eval/*); 0 = before and after only
     # never trained on, evaluated with the reward: checkers (shapeeval) or any reward name; None = the prompt set's
     # defaults (ShapeWorld: shapeeval, shapescore), [] = none
@@ -101,7 +106,7 @@ class OutputConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: dict = field(default_factory=lambda: {"name": "leapalign", "pairs_per_rollout": 2})
+    method: dict = field(default_factory=lambda: {"name": "leapalign"})
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -210,7 +215,27 @@ def build(data: dict) -> Config:
         cfg.reward.lam = hinge[0]
     if cfg.reward.scale is None:
         cfg.reward.scale = hinge[1] if hinge is not None else 1.0
+    if cfg.train.lr is None:
+        cfg.train.lr = DEFAULT_LR[cfg.train.finetune] if cfg.train.finetune in DEFAULT_LR else 1e-4
     return cfg
+
+
+DEFAULT_LR = {"full": 1e-5, "lora": 1e-4}  # the paper's full fine-tuning lr; LoRA's common one (diffusers' FLUX examples)
+# the keys that say which world a run is in, with ShapeWorld's values: a run on another model lists those it kept
+WORLD_DEFAULTS = {"model.height": 32, "model.width": 32, "train.prompts": "shapeworld:train", "eval.prompts": "shapeworld:eval",
+                  "reward.fn": "shapematch"}
+
+
+def world_notes(cfg: Config) -> list[str]:
+    """First lines for a run on a model other than ShapeWorld: ShapeWorld's values it kept, and an anchor the paper lacks."""
+    if cfg.model.path == "shapeworld":
+        return []
+    kept = [f"{k}={v}" for k, v in WORLD_DEFAULTS.items() if getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == v]
+    notes = [f"note: {', '.join(kept)} are ShapeWorld's values, not this model's; set them for {cfg.model.path}"] if kept else []
+    if cfg.train.anchor > 0:
+        notes.append(f"note: train.anchor = {cfg.train.anchor:g} adds a velocity anchor to the base, which the LeapAlign paper "
+                     "does not use (its objective is the reward hinge alone); set train.anchor=0 for the paper's objective")
+    return notes
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

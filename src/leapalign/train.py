@@ -407,6 +407,8 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process  # logs, evaluates and saves; every rank trains
+    for note in config_mod.world_notes(cfg) if main else []:
+        print(note)
     set_seed(tc.seed)
     method = build_method(cfg.method)
     method.check(tc.num_steps)

@@ -16,6 +16,7 @@ from .world import TAGS, parse, prompt_rows, prompts, render, render_batch
 ASSETS = Path(__file__).parent / "assets"
 BASE_DIR = ASSETS / "base"
 SHAPESCORE_DIR = ASSETS / "shapescore"
+DEMO_CONFIG = Path(__file__).parent / "demo.yaml"  # its tuned settings: `leapalign demo`, configs/shapeworld_leapalign.yaml
 
 
 def _require(path: Path, what: str) -> Path:
