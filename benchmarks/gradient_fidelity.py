@@ -29,7 +29,8 @@ from leapalign.evaluation import load_prompt_rows
 from leapalign.methods import build_method
 from leapalign.rewards import load_reward
 from leapalign.rollout import rollout
-from leapalign.train import backward_surrogates, draw_prompts, reward_gradient, setup_trainable
+from leapalign.objective import backward_surrogates, reward_gradient
+from leapalign.train import draw_prompts, setup_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

@@ -1,7 +1,7 @@
 """Peak memory and seconds of one training iteration versus rollout length (10, 25, 50 steps).
 
-Every method goes through the trainer's own code (rollout, reward gradient, the method's
-surrogates, `backward_surrogates`), so what is measured is what training costs.  LeapAlign's
+Every method goes through the trainer's own code (rollout, then `objective.step`: reward gradient, the method's
+surrogates), so what is measured is what training costs.  LeapAlign's
 surrogate re-runs two model calls whatever the rollout length; AlignProp over the whole
 rollout keeps (checkpointed) activations of every step.  Each (method, steps) cell runs in a
 fresh process so that its peak is its own: on CPU the peak resident set size above the
@@ -51,7 +51,7 @@ def one_step(method: str, steps: int, model: str, batch: int, height: int, width
     from leapalign.methods import build_method
     from leapalign.rewards import load_reward
     from leapalign.rollout import rollout
-    from leapalign.train import backward_surrogates, reward_gradient
+    from leapalign.objective import Objective, step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, dtype)
@@ -78,8 +78,7 @@ def one_step(method: str, steps: int, model: str, batch: int, height: int, width
     t0 = time.time()
     gen = torch.Generator(device).manual_seed(0)
     traj = rollout(backbone, prompts, steps, height, width, generator=gen, keep_velocities=m.needs_velocities)
-    r, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, height, width, 1.0, 1.0, m.reward_on_sample)
-    backward_surrogates(backbone, m, reward, traj, grad, losses, torch.Generator().manual_seed(0), 1.0, 1.0)
+    step(backbone, Objective(m, reward, lam=1.0), traj, {"pairs": torch.Generator().manual_seed(0)})
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20

@@ -13,7 +13,8 @@ from leapalign import config
 from leapalign.backbones.flux import FluxBackbone
 from leapalign.errors import UserError
 from leapalign.rollout import rollout
-from leapalign.train import anchor_backward, setup_trainable, train
+from leapalign.objective import anchor_backward
+from leapalign.train import setup_trainable, train
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle"]

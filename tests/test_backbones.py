@@ -204,7 +204,8 @@ def test_the_anchor_base_is_the_model_without_its_lora(model_dir):
     import copy
 
     from leapalign.rollout import rollout
-    from leapalign.train import anchor_backward, setup_trainable
+    from leapalign.objective import anchor_backward
+    from leapalign.train import setup_trainable
 
     cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", "train.lora_rank=4"])
     backbone = load_backbone(cfg.model)

@@ -22,7 +22,7 @@ from leapalign.methods.drtune import drtune_surrogate, spaced_steps
 from leapalign.methods.flowbp import flowbp_surrogate, late_biased_steps
 from leapalign.methods.refl import refl_surrogate, window_steps
 from leapalign.rollout import rollout
-from leapalign.train import backward_surrogates
+from leapalign.objective import backward_surrogates
 
 H = W = 16
 STEPS = 6

@@ -16,7 +16,8 @@ import conftest
 from leapalign import config
 from leapalign.backbones.flux import FluxBackbone
 from leapalign.rewards import load_reward
-from leapalign.train import MasterWeights, reward_gradient, setup_trainable, train
+from leapalign.objective import reward_gradient
+from leapalign.train import MasterWeights, setup_trainable, train
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle"]

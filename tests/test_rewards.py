@@ -436,3 +436,12 @@ def test_spec_parsing_and_builtin_names():
     assert parse_spec("hpsv2.1=1.0,pickscore=0.5") == {"hpsv2.1": 1.0, "pickscore": 0.5}
     assert parse_spec("a.py:f,b") == {"a.py:f": 1.0, "b": 1.0}
     assert {"shapescore", "hpsv2", "hpsv2.1", "pickscore", "clipscore", "aesthetic", "imagereward"} <= set(BUILTIN)
+
+
+def test_cached_text_embeddings_do_not_depend_on_the_batch(clip_root):
+    """Each prompt is encoded on its own, so its embedding is the same bits whichever prompts came with it first
+    (a resumed run meets its prompts in other batches; the last bits of a batched matmul depend on its size)."""
+    together = load_reward("clipscore", str(clip_root / "clipscore")).fn.text_embeds(PROMPTS + ["a green square", "a cat"])
+    for i, p in enumerate(PROMPTS):
+        alone = load_reward("clipscore", str(clip_root / "clipscore")).fn.text_embeds([p])
+        assert torch.equal(alone[0], together[i])

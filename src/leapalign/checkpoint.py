@@ -1,7 +1,7 @@
 """Checkpoints that survive crashes and resume a run bit for bit.
 
-A checkpoint folder `checkpoints/step_N/` holds the trainable weights and EMA (safetensors),
-the optimiser state and every random state (torch.load with weights_only=True: a pickle that
+A checkpoint folder `checkpoints/step_N/` holds the trainable weights and EMA (safetensors, keyed
+by parameter name), the optimiser state (with the parameter names in its order) and every random state (torch.load with weights_only=True: a pickle that
 would run code is refused), the step, and the resolved config.  It is written under a
 temporary name and renamed into place; `checkpoints/latest` is replaced atomically afterwards,
 so it only ever names a complete checkpoint, whatever moment the process dies at.
@@ -68,18 +68,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(root: Path, step: int, params, optimizer, ema, rng: dict, config_text: str, keep_last_n: int = 0,
-         write: bool = True) -> Path:
+         write: bool = True, names: list[str] | None = None) -> Path:
     """Write checkpoints/step_<step>, then point `latest` at it, then drop all but the newest keep_last_n.
 
-    Every rank calls it (sharded tensors are gathered, a collective); only the one with `write` writes.
+    `names` are the parameters' names (the trainer's: the transformer's); without them tensors are keyed
+    by position, as checkpoints were before names.  Every rank calls it (sharded tensors are gathered, a
+    collective); only the one with `write` writes.
     """
     from safetensors.torch import save_file
 
     from .distributed import full_optimizer_state, full_state
 
-    weights = full_state({f"p{i}": p for i, p in enumerate(params)})
-    shadow = full_state({f"p{i}": s for i, s in enumerate(ema.shadow)}) if ema is not None else None
+    keys = list(names) if names is not None else [f"p{i}" for i in range(len(params))]
+    weights = full_state(dict(zip(keys, params)))
+    shadow = full_state(dict(zip(keys, ema.shadow))) if ema is not None else None
     optim = full_optimizer_state(optimizer)
+    optim["names"] = keys  # the optimiser keys its state by position: this maps position -> parameter
     final = root / f"step_{step}"
     if not write:
         return final
@@ -156,24 +160,61 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def load(path: Path, params, optimizer, ema, generators: dict) -> int:
-    """Restore a checkpoint written by save(); returns its step."""
+def _positional(keys) -> bool:
+    return all(k.startswith("p") and k[1:].isdigit() for k in keys)
+
+
+def match_names(path: Path, saved: dict, names: list[str], params) -> list[str]:
+    """The saved key of each of this run's parameters: by name, or by position for a checkpoint from before names.
+
+    A name missing from the checkpoint, one the run lacks, or a shape that differs is one clear error.
+    """
+    if _positional(saved):
+        if len(saved) != len(params):
+            raise UserError(f"checkpoint {path} holds {len(saved)} trainable tensors, this run has {len(params)}; "
+                            "was it made with another finetune/LoRA setting?")
+        keys = [f"p{i}" for i in range(len(params))]
+    else:
+        missing, extra = [n for n in names if n not in saved], [k for k in saved if k not in set(names)]
+        if missing or extra:
+            what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which this run does not train"
+            raise UserError(f"checkpoint {path} {what} ({len(missing)} missing, {len(extra)} extra); "
+                            "was it made with another finetune/LoRA setting (train.finetune, train.lora_rank, train.lora_targets)?")
+        keys = list(names)
+    for key, p in zip(keys, params):
+        if tuple(saved[key].shape) != tuple(_full_shape(p)):
+            raise UserError(f"checkpoint {path}: {key} has shape {tuple(saved[key].shape)}, this run's has {tuple(_full_shape(p))}; "
+                            "was it made with another train.lora_rank or model?")
+    return keys
+
+
+def _full_shape(p):
+    from .distributed import full, is_sharded
+
+    return p.shape if not is_sharded(p) else full(p.detach()).shape
+
+
+def load(path: Path, params, optimizer, ema, generators: dict, names: list[str] | None = None) -> int:
+    """Restore a checkpoint written by save(), by parameter name (positional for older ones); returns its step."""
     from safetensors.torch import load_file
 
-    weights = load_file(path / "trainable.safetensors")
-    if len(weights) != len(params):
-        raise UserError(f"checkpoint {path} holds {len(weights)} trainable tensors, this run has {len(params)}; was it made with another finetune/LoRA setting?")
     from .distributed import load_full_optimizer_state, shard_like
 
+    weights = load_file(path / "trainable.safetensors")
+    keys = match_names(path, weights, list(names) if names is not None else [f"p{i}" for i in range(len(params))], params)
     with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(shard_like(weights[f"p{i}"], p))
+        for key, p in zip(keys, params):
+            p.copy_(shard_like(weights[key], p))
         if ema is not None and (path / "ema.safetensors").is_file():
-            for i, t in load_file(path / "ema.safetensors").items():
-                ref = ema.shadow[int(i[1:])]
-                ref.copy_(shard_like(t, ref))
+            shadow = load_file(path / "ema.safetensors")
+            for key, ref in zip(keys, ema.shadow):
+                ref.copy_(shard_like(shadow[key], ref))
     state = load_state(path / "state.pt")
-    load_full_optimizer_state(optimizer, state["optimizer"])
+    optim = dict(state["optimizer"])
+    saved_order = optim.pop("names", [f"p{i}" for i in range(len(params))])
+    where = {k: i for i, k in enumerate(saved_order)}  # saved position of each key
+    optim["state"] = {j: optim["state"][where[k]] for j, k in enumerate(keys) if where[k] in optim["state"]}
+    load_full_optimizer_state(optimizer, optim)
     restore_rng(state["rng"], generators)
     return json.loads((path / "trainer_state.json").read_text())["step"]
 

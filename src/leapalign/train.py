@@ -20,6 +20,7 @@ from .errors import UserError
 from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
 from .judges import HackWatch, Judges, default_judges, headline
 from .methods import build_method
+from .objective import Objective, step as objective_step
 from .rewards import load_reward
 from .rollout import rollout
 
@@ -28,89 +29,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], height: int, width: int, lam: float, scale: float,
-                    need_grad: bool = True, chunk: int = 0):
-    """Decode the real sample once, score it, and return (rewards, per-sample hinge losses, dLoss_b/dx_N or None).
-
-    `chunk` > 0 decodes and scores that many images at a time (the VAE's activations at full
-    resolution are the biggest tensors of a step); a per-image reward gives the same result.
-    The reward's `last_components` then holds the whole batch's values, as without chunks.
-    """
-    x = sample.detach().requires_grad_(need_grad)
-    size = chunk if chunk > 0 else len(prompts)
-    rs, grads, parts = [], [], {}
-    for i in range(0, len(prompts), size):
-        xi, pi = x[i : i + size], prompts[i : i + size]
-        with torch.enable_grad() if need_grad else torch.no_grad():
-            ri = reward(backbone.decode(xi, height, width), pi)
-            if need_grad:
-                (gi,) = torch.autograd.grad((torch.relu(lam - ri) * scale).sum(), x)
-                grads.append(gi)
-        rs.append(ri.detach())
-        for name, values in getattr(reward, "last_components", {}).items():
-            parts.setdefault(name, []).append(values)
-    r = torch.cat(rs)
-    if len(rs) > 1 and parts:
-        reward.last_components = {k: torch.cat(v) for k, v in parts.items()}
-    grad = None if not need_grad else (grads[0] if len(grads) == 1 else torch.stack(grads).sum(0))
-    return r, torch.relu(lam - r) * scale, grad
-
-
-def backward_surrogates(backbone, method, reward, traj, grad, losses, generator, lam: float, scale: float, factor: float = 1.0):
-    """Accumulate into .grad the gradient of factor * (mean over the method's surrogates of the batch-mean weighted loss).
-
-    A connected surrogate reuses the rollout's reward gradient `grad`; an unconnected one (a
-    prediction, e.g. ReFL) is decoded and scored itself.  Returns (loss value, surrogate infos).
-    """
-    B, H, W = traj.sample.shape[0], traj.height, traj.width
-    m = method.surrogates_per_rollout
-    # each surrogate's backward is scaled by 1/M up front: the accumulated .grad is the mean directly
-    # (no in-place fix-up afterwards, which a sharded model's deferred gradient reduction would miss)
-    factor = factor / m
-    loss, infos = 0.0, []
-    for s in method.surrogates(backbone, traj, generator):
-        infos.append(s.info)
-        w = s.weight.float()  # the similarity weight keeps float32 whatever the model dtype
-        if s.connected:
-            if grad is None:
-                raise RuntimeError(f"{method.name} yielded a connected surrogate but declares reward_on_sample = False")
-            coeff = (w * factor / B).view(-1, *[1] * (grad.dim() - 1))
-            torch.autograd.backward(s.endpoint, grad_tensors=(grad * coeff).to(s.endpoint.dtype))
-            loss += (w * losses).mean().item() * factor
-        else:
-            images = backbone.decode(s.endpoint, H, W)
-            pl = torch.relu(lam - reward(images, traj.prompts)) * scale
-            ((w * pl).mean() * factor).backward()
-            loss += (w * pl.detach()).mean().item() * factor
-    if len(infos) != m:
-        raise RuntimeError(f"{method.name} yielded {len(infos)} surrogates but declares surrogates_per_rollout = {m}")
-    return loss, infos
-
-
-def anchor_backward(backbone, traj, generator: torch.Generator, beta: float, factor: float, base=None) -> float:
-    """Accumulate the gradient of factor * beta * mean ||v_theta(x_t) - v_base(x_t)||^2 at one random rollout state.
-
-    v_base comes from `base` (a backbone over a frozen copy of the transformer, for full fine-tuning) or
-    else from the same transformer with its LoRA switched off, which costs one forward and no memory.
-    It is the flow-matching analogue of a KL penalty to the base policy: the reward can move the field
-    only as far as its gain pays for.  Returns the value.
-    """
-    t = int(torch.randint(traj.num_steps, (1,), generator=generator))
-    x, sigma = traj.states[t], traj.sigmas[t]
-    with torch.no_grad():
-        if base is not None:
-            v_base = base.velocity(x, sigma, traj.cond)
-        else:
-            backbone.transformer.disable_adapters()
-            try:
-                v_base = backbone.velocity(x, sigma, traj.cond)
-            finally:
-                backbone.transformer.enable_adapters()
-    value = (backbone.velocity(x, sigma, traj.cond).float() - v_base.float()).pow(2).mean() * beta
-    (value * factor).backward()
-    return value.item()
 
 
 def draw_prompts(rows: list[dict], count: int, generator: torch.Generator, balance_tags: bool) -> list[int]:
@@ -436,6 +354,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
 
         shard_transformer(backbone.transformer, tc.fsdp_cpu_offload, tc.fsdp_reshard)
         model_params = [p for p in backbone.transformer.parameters() if p.requires_grad]
+    names = [n for n, p in backbone.transformer.named_parameters() if p.requires_grad]  # checkpoints key tensors by them
     master = MasterWeights(model_params, tc.fp32_master)
     params = master.params  # what the optimiser, clipping, EMA and checkpoints see
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
@@ -445,6 +364,8 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
         ema.swap()
         master.to_model()
 
+    objective = Objective(method, reward, cfg.reward.lam, cfg.reward.scale, tc.anchor, anchor_base, tc.decode_batch)
+    everyone = (lambda ok: agree(ok, device)) if world > 1 else (lambda ok: ok)  # all ranks decide together
     gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(device).manual_seed(tc.seed + 1),
             "pairs": torch.Generator().manual_seed(tc.seed + 2), "anchor": torch.Generator().manual_seed(tc.seed + 3)}
 
@@ -454,7 +375,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_text)
-    start = ckpt.load(resume_from, params, optimizer, ema, gens) if resume_from is not None else 0
+    start = ckpt.load(resume_from, params, optimizer, ema, gens, names) if resume_from is not None else 0
     master.to_model()
     writer = None
     if cfg.output.tensorboard and main:
@@ -502,7 +423,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
     def save(step_done: int, rng: dict) -> None:
         """Every rank joins (sharded tensors are gathered); the main one writes."""
         accelerator.wait_for_everyone()
-        ckpt.save(out / "checkpoints", step_done, params, optimizer, ema, rng, config_text, tc.keep_last_n, write=main)
+        ckpt.save(out / "checkpoints", step_done, params, optimizer, ema, rng, config_text, tc.keep_last_n, write=main, names=names)
         accelerator.wait_for_everyone()
 
     summary = {"method": method.name, "reward": reward_name, "steps": tc.steps, "processes": world, "parallel": "fsdp" if sharded else "ddp"}
@@ -552,32 +473,24 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
                 noise = backbone.initial_noise(B * world, H, W, gens["noise"])[mine]
                 prompts = [train_rows[i]["prompt"] for i in picks]
                 traj = rollout(backbone, prompts, tc.num_steps, H, W, noise=noise, keep_velocities=method.needs_velocities)
-                r, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale,
-                                                 need_grad=method.reward_on_sample, chunk=tc.decode_batch)
-                finite = bool(torch.isfinite(r).all() and (grad is None or torch.isfinite(grad).all()))
-                if world > 1:  # all ranks decide together, so they run the same model calls
-                    finite = agree(finite, device)
-                if not finite:
+                res = objective_step(backbone, objective, traj, gens, 1.0 / tc.grad_accum, agree=everyone)
+                if res.bad == "reward":
                     bad = bad or "reward"
                     continue
-                agg["reward"] += r.mean().item() / tc.grad_accum
-                agg["active"] += (losses > 0).float().mean().item() / tc.grad_accum  # samples the hinge trains on
-                agg["reward_min"], agg["reward_max"] = min(agg["reward_min"], r.min().item()), max(agg["reward_max"], r.max().item())
-                components = getattr(reward, "last_components", {})  # of this call: surrogates may score again
-                if len(components) > 1:  # a weighted sum: each reward logged by name
-                    for name, values in components.items():
+                agg["reward"] += res.rewards.mean().item() / tc.grad_accum
+                agg["active"] += res.active / tc.grad_accum
+                agg["reward_min"] = min(agg["reward_min"], res.rewards.min().item())
+                agg["reward_max"] = max(agg["reward_max"], res.rewards.max().item())
+                if len(res.components) > 1:  # a weighted sum: each reward logged by name
+                    for name, values in res.components.items():
                         agg[f"reward/{name}"] = agg.get(f"reward/{name}", 0.0) + values.float().mean().item() / tc.grad_accum
-                loss, step_infos = backward_surrogates(backbone, method, reward, traj, grad, losses, gens["pairs"], cfg.reward.lam,
-                                                       cfg.reward.scale, 1.0 / tc.grad_accum)
-                agg["loss"] += loss
-                infos += step_infos
-                if tc.anchor > 0:
-                    value = anchor_backward(backbone, traj, gens["anchor"], tc.anchor, 1.0 / tc.grad_accum, anchor_base)
-                    agg["anchor"] = agg.get("anchor", 0.0) + value / tc.grad_accum
-                    if not math.isfinite(value):
-                        bad = bad or "loss"
-                if not math.isfinite(loss):
-                    bad = bad or "loss"
+                agg["loss"] += res.loss
+                infos += res.infos
+                if res.anchor is not None:
+                    agg["anchor"] = agg.get("anchor", 0.0) + res.anchor / tc.grad_accum
+                bad = bad or res.bad
+            if not math.isfinite(agg["reward_min"]):  # every micro-batch skipped: no range to log (on every rank alike)
+                del agg["reward_min"], agg["reward_max"]
             if world > 1:
                 bad = average_across_ranks(model_params, agg, bad, grads=not sharded)  # FSDP reduce-scattered them
             master.grads_to_master()
@@ -631,7 +544,7 @@ def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = Tr
             say("interrupted: a sharded run cannot save here; resume from the last periodic checkpoint (train.save_every)")
             raise
         if main:
-            ckpt.save(out / "checkpoints", resume_point[0], params, optimizer, ema, resume_point[1], config_text, tc.keep_last_n)
+            ckpt.save(out / "checkpoints", resume_point[0], params, optimizer, ema, resume_point[1], config_text, tc.keep_last_n, names=names)
         say(f"interrupted: saved checkpoints/step_{resume_point[0]}; continue with `leapalign train --config {out / 'config.yaml'} --resume`")
         raise
     metrics_file.close()

@@ -75,12 +75,13 @@ class Backbone:
         distinct prompt is encoded once.
 
         `encode(new_prompts)` returns one tuple of tensors per prompt (text encoders are frozen,
-        so the cache never goes stale).
+        so the cache never goes stale).  Each new prompt is encoded on its own: a batch's size changes the
+        last bits of a matmul, and a resumed run meets its prompts in other batches than the first run did.
         """
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            with torch.no_grad():
-                self._prompt_cache.update(zip(missing, encode(missing)))
+        with torch.no_grad():
+            for p in missing:
+                self._prompt_cache[p] = encode([p])[0]
         parts = zip(*(self._prompt_cache[p] for p in prompts))
         out = [torch.stack(part) if stack else list(part) for part in parts]
         if self.text_device is None:

@@ -90,13 +90,14 @@ class ClipReward(torch.nn.Module):
         return cls(CLIPModel.from_pretrained(path), tokenizer, scale, mean, std, **kwargs)
 
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            ids = self.tokenizer(missing, padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.model.device)
-            with torch.no_grad():
-                e = F.normalize(_features(self.model.get_text_features(**ids)), dim=-1)
-            self._text_cache.update(zip(missing, e))
+        """Each distinct prompt encoded once, on its own: a batch's size changes the last bits of a matmul, so an
+        embedding must not depend on which prompts first came with it (a resumed run meets them in other batches)."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._text_cache:
+                ids = self.tokenizer([p], padding="max_length", truncation=True, max_length=self.max_length,
+                                     return_tensors="pt").to(self.model.device)
+                with torch.no_grad():
+                    self._text_cache[p] = F.normalize(_features(self.model.get_text_features(**ids)), dim=-1)[0]
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
