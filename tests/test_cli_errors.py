@@ -217,3 +217,25 @@ def test_a_margin_below_every_reward_is_reported_in_one_line(tmp_path):
     assert summary["warnings"] == [lines[0].strip()]
     (metrics,) = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics["active"] == 0 and metrics["grad_norm"] == 0
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.finetune=qlora", "train.finetune must be one of lora, full, got 'qlora'"),
+    ("model.dtype=fp8", "model.dtype must be one of float32, bfloat16, float16"),
+    ("train.parallel=zero3", "train.parallel must be one of ddp, fsdp"),
+    ("train.num_steps=1", "train.num_steps must be >= 2 so that a method has two steps"),
+    ("train.batch_size=0", "train.batch_size must be >= 1"),
+    ("eval.every=-1", "eval.every must be >= 0"),
+    ("train.ema=1.5", "train.ema must be in (0, 1) or null"),
+    ("train.lr=0", "train.lr must be positive"),
+])
+def test_config_is_checked_in_one_place_when_read(override, fragment):
+    with pytest.raises(UserError) as e:
+        config.load(PRESET, [override])
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_removed_key_is_explained_and_ignored():
+    with pytest.warns(UserWarning, match="output.log_every is ignored"):
+        cfg = config.load(PRESET, ["output.log_every=5"])
+    assert "log_every" not in config.dump(cfg)

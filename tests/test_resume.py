@@ -147,8 +147,8 @@ def test_resume_refuses_a_changed_config_and_allows_harmless_changes(tmp_path, m
     train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=2"), progress=False)
     with pytest.raises(UserError, match=r"cannot resume step_2 with a different config \(method.alpha: 0.3 -> 0.1; train.seed: 0 -> 1\)"):
         train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=3", "method.alpha=0.1", "train.seed=1"), resume="latest", progress=False)
-    with pytest.warns(UserWarning, match=r"output.log_every: 1 -> 5; train.gradient_checkpointing: False -> True"):
-        train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=3", "output.log_every=5", "train.gradient_checkpointing=true"),
+    with pytest.warns(UserWarning, match=r"train.save_every: 0 -> 5; train.gradient_checkpointing: False -> True"):
+        train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=3", "train.save_every=5", "train.gradient_checkpointing=true"),
                         resume="latest", progress=False)
     assert (tmp_path / "cfg" / "checkpoints" / "latest").read_text() == "step_3"
 
@@ -255,3 +255,22 @@ def test_cli_resume_on_the_shipped_base_is_bit_exact(tmp_path):
     for f in ("checkpoints/step_4/trainable.safetensors", "lora/pytorch_lora_weights.safetensors"):
         a, b = load_file(tmp_path / "whole" / f), load_file(tmp_path / "parts" / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_resume_keeps_the_evaluations_the_curve_and_the_skipped_count(tmp_path, model_dir):
+    """A run interrupted at step 2 and resumed to 4 reports what the uninterrupted run does: the periodic evaluation
+    at step 2 in summary["during"], the before-evaluation as the curve's first point (evaluations.jsonl), and the
+    count of skipped steps."""
+    sets = ("eval.every=2", "train.steps=4")
+    whole = train_mod.train(_cfg(tmp_path, model_dir, "whole", *sets, prompts=PROMPTS[:3] + ["poison"], reward="nan_on_poison"),
+                            progress=False)
+    train_mod.train(_cfg(tmp_path, model_dir, "parts", "eval.every=2", "train.steps=3", "train.save_every=2",
+                         prompts=PROMPTS[:3] + ["poison"], reward="nan_on_poison"), progress=False)
+    ckpt._write_atomic(tmp_path / "parts" / "checkpoints" / "latest", "step_2")  # as if it had died after step 2
+    resumed = train_mod.train(_cfg(tmp_path, model_dir, "parts", *sets, prompts=PROMPTS[:3] + ["poison"], reward="nan_on_poison"),
+                              resume="latest", progress=False)
+    assert [e["step"] for e in resumed["during"]] == [e["step"] for e in whole["during"]] == [2]
+    assert json.dumps(resumed["during"]) == json.dumps(whole["during"])  # NaN-safe: the poison prompt scores NaN
+    assert resumed.get("skipped_steps") == whole.get("skipped_steps")
+    evals = [json.loads(l) for l in (tmp_path / "parts" / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4] and json.dumps(evals[0]) == json.dumps({"step": 0, **whole["before"]})

@@ -92,8 +92,7 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_trained_model(trained)
 
 
 def test_resume_continues_the_same_run(tmp_path):
-    """Same prompts, noise, (k, j) and optimiser state after resuming; values agree to float
-    round-off (bit-exact resume across processes is the scale-out issue's job)."""
+    """Same prompts, noise, (k, j) and optimiser state after resuming, bit for bit (ShapeScore, anchor on)."""
     common = ("train.steps=4", "train.save_every=2", "method.pairs_per_rollout=2", "eval.num_images=2")
     _, full = _run(tmp_path, "full", *common)
     _, part = _run(tmp_path, "part", *common)
@@ -109,16 +108,18 @@ def test_resume_continues_the_same_run(tmp_path):
     assert [(r["step"], r["k"], r["j"]) for r in a] == [(r["step"], r["k"], r["j"]) for r in b]
     for ra, rb in zip(a, b):
         for key in ("reward", "loss", "grad_norm", "d_j", "d_N", "weight"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-4), (ra["step"], key)
+            assert ra[key] == rb[key], (ra["step"], key)
     from safetensors.torch import load_file
 
     wa = load_file(full / "lora" / "pytorch_lora_weights.safetensors")
     wb = load_file(part / "lora" / "pytorch_lora_weights.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+        assert torch.equal(wa[k], wb[k]), k
     fresh = load_file(tmp_path / "part" / "checkpoints" / "step_2" / "trainable.safetensors")
-    assert not torch.equal(fresh["p0"], load_file(full / "checkpoints" / "step_4" / "trainable.safetensors")["p0"])
+    later = load_file(full / "checkpoints" / "step_4" / "trainable.safetensors")
+    assert fresh.keys() == later.keys() and "p0" not in fresh  # keyed by parameter name
+    assert not all(torch.equal(fresh[k], later[k]) for k in fresh)
 
 
 def test_periodic_evaluation_is_the_policy_of_that_step(tmp_path):

@@ -98,7 +98,6 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/leapalign"
-    log_every: int = 1
     tensorboard: bool = True
     overwrite: bool = False
 
@@ -115,8 +114,38 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Every enum and range, checked once before anything loads; one line naming the key otherwise."""
+        m, tc, ec = self.model, self.train, self.eval
+        choices = {"model.dtype": (m.dtype, ("float32", "bfloat16", "float16")), "train.finetune": (tc.finetune, ("lora", "full")),
+                   "train.parallel": (tc.parallel, ("ddp", "fsdp")), "train.text_cache": (tc.text_cache, ("device", "cpu"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        at_least = {"train.steps": (tc.steps, 1), "train.batch_size": (tc.batch_size, 1), "train.grad_accum": (tc.grad_accum, 1),
+                    "train.num_steps": (tc.num_steps, 2), "train.lora_rank": (tc.lora_rank, 1), "eval.num_steps": (ec.num_steps, 1),
+                    "eval.batch_size": (ec.batch_size, 1), "model.height": (m.height, 1), "model.width": (m.width, 1)}
+        for key, (value, low) in at_least.items():
+            if value < low:
+                why = " so that a method has two steps to choose from" if key == "train.num_steps" else ""
+                raise UserError(f"{key} must be >= {low}{why}, got {value}")
+        for key, value in (("train.anchor", tc.anchor), ("train.save_every", tc.save_every), ("train.keep_last_n", tc.keep_last_n),
+                           ("train.decode_batch", tc.decode_batch), ("eval.every", ec.every), ("eval.num_images", ec.num_images),
+                           ("eval.hack_margin", ec.hack_margin), ("train.weight_decay", tc.weight_decay)):
+            if value < 0:
+                raise UserError(f"{key} must be >= 0 (0 = off), got {value}")
+        if tc.lr is not None and not tc.lr > 0:
+            raise UserError(f"train.lr must be positive, got {tc.lr}")
+        if tc.ema is not None and not 0 < tc.ema < 1:
+            raise UserError(f"train.ema must be in (0, 1) or null (off), got {tc.ema}")
+        if tc.anchor > 0 and tc.finetune == "full" and tc.parallel == "fsdp":
+            raise UserError("train.anchor with train.finetune=full keeps a whole frozen copy of the transformer on every rank, "
+                            "which defeats train.parallel=fsdp; use train.finetune=lora (its base is the model with the LoRA off) or train.anchor=0")
+
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+# keys that no longer exist: an old config that sets one is told why, once, and runs
+REMOVED = {"output.log_every": "every step is written to metrics.jsonl and tensorboard; output.log_every is ignored"}
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -200,13 +229,26 @@ def build(data: dict) -> Config:
         fields = {f.name: f for f in dataclasses.fields(obj)}
         hints = typing.get_type_hints(type(obj))
         for key, value in values.items():
+            if f"{section}.{key}" in REMOVED:
+                import warnings
+
+                warnings.warn(REMOVED[f"{section}.{key}"])
+                continue
             if key not in fields:
                 raise UserError(f"unknown config key '{section}.{key}'{_closest(key, [f'{k}' for k in fields])}")
             setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
     from .methods import build_method
-    from .rewards import default_hinge
 
     cfg.method = build_method(cfg.method, typed_options=True)  # validates the method's name and options now, before any work
+    return resolve(cfg)
+
+
+def resolve(cfg: Config) -> Config:
+    """Check the config (validate) and fill the defaults that depend on other keys: the reward's own hinge
+    (reward.lam, reward.scale) and the learning rate of the fine-tuning kind.  Idempotent."""
+    from .rewards import default_hinge
+
+    cfg.validate()
     hinge = default_hinge(cfg.reward.fn)
     if cfg.reward.lam is None:
         if hinge is None:
@@ -216,7 +258,7 @@ def build(data: dict) -> Config:
     if cfg.reward.scale is None:
         cfg.reward.scale = hinge[1] if hinge is not None else 1.0
     if cfg.train.lr is None:
-        cfg.train.lr = DEFAULT_LR[cfg.train.finetune] if cfg.train.finetune in DEFAULT_LR else 1e-4
+        cfg.train.lr = DEFAULT_LR[cfg.train.finetune]
     return cfg
 
 

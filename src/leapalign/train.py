@@ -23,6 +23,7 @@ from .methods import build_method
 from .objective import Objective, step as objective_step
 from .rewards import load_reward
 from .rollout import rollout
+from .runlog import Guard, RunLog
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -144,40 +145,6 @@ def save_transformer(backbone, directory: Path, write: bool = True) -> None:
         tr.save_config(directory)
 
 
-def plot_curve(metrics: list[dict], path: Path, evals: list[dict]) -> None:
-    """The training reward per step and its held-out value, and beside it every judge at each evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    judge_names = list(evals[0].get("judges", {})) if evals else []
-    fig, axes = plt.subplots(1, 2 if judge_names else 1, figsize=(11 if judge_names else 6, 3.5), squeeze=False)
-    ax = axes[0, 0]
-    steps = [m["step"] for m in metrics]
-    r = np.array([m["reward"] for m in metrics])
-    ax.plot(steps, r, alpha=0.35, label="train reward (batch mean)")
-    if len(r) >= 5:
-        k = max(2, len(r) // 10)
-        ax.plot(steps[k - 1 :], np.convolve(r, np.ones(k) / k, mode="valid"), label=f"moving average ({k})")
-    if evals:
-        ax.plot([e["step"] for e in evals], [e.get("reward", float("nan")) for e in evals], "o-", label="held-out reward")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.legend(fontsize=8)
-    if judge_names:
-        jx = axes[0, 1]
-        for name in judge_names:
-            pts = [(e["step"], headline(e["judges"][name])) for e in evals if name in e.get("judges", {})]
-            jx.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-        jx.set_xlabel("step")
-        jx.set_ylabel("judge (held-out, never trained on)")
-        jx.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def agree(ok: bool, device) -> bool:
     """True on every rank only if it is true on all of them (one tiny all-reduce)."""
     import torch.distributed as dist
@@ -214,53 +181,6 @@ def average_across_ranks(params, agg: dict, bad: str | None, grads: bool = True)
     return (bad or "value on another rank") if any_bad else None
 
 
-class Guard:
-    """Counts skipped (non-finite) steps, stops a run that keeps failing, and warns once when the reward collapses
-    or when the hinge passes no gradient at the first step (a margin on another scale than the reward's)."""
-
-    def __init__(self, max_in_a_row: int, say, lam: float):
-        self.max_in_a_row, self.lam = max_in_a_row, lam
-        self.skipped, self.in_a_row, self.rewards, self.warned, self.warnings = 0, 0, [], False, []
-        self._say = say
-
-    def say(self, line: str) -> None:
-        if line.startswith("warning"):
-            self.warnings.append(line)
-        self._say(line)
-
-    def watch_hinge(self, rec: dict, first: bool) -> None:
-        """relu(lam - r) is zero for every sample of the run's first step: say so, with the rewards' range."""
-        if first and rec.get("active") == 0 and "skipped" not in rec:
-            self.say(f"warning: every sample's reward is above reward.lam = {self.lam:g} (rewards {rec['reward_min']:.4g} to "
-                     f"{rec['reward_max']:.4g}): the hinge passes no gradient and nothing trains; set reward.lam above "
-                     "the rewards it should raise (docs/rewards.md gives each reward's range)")
-
-    def record(self, step: int, bad: str | None, rec: dict) -> int:
-        if bad is None:
-            self.in_a_row = 0
-            return self.skipped
-        self.skipped += 1
-        self.in_a_row += 1
-        self.say(f"step {step} skipped: non-finite {bad} (k, j = {rec.get('k')}, {rec.get('j')}; prompts {rec.get('prompts')})")
-        if self.in_a_row >= self.max_in_a_row:
-            raise UserError(f"stopped at step {step}: {self.in_a_row} steps in a row had a non-finite {bad}; "
-                            "lower train.lr, check the reward, or resume from the last checkpoint")
-        return self.skipped
-
-    def watch_reward(self, rec: dict) -> None:
-        """Divergence: the last 10 steps' mean reward far below the first 10 steps' (3 standard deviations)."""
-        if "skipped" in rec:
-            return
-        self.rewards.append(rec["reward"])
-        if self.warned or len(self.rewards) < 20:
-            return
-        first, last = np.array(self.rewards[:10]), np.array(self.rewards[-10:])
-        if last.mean() < first.mean() - max(3 * first.std(), 1e-3):
-            self.warned = True
-            self.say(f"warning: the reward is collapsing ({first.mean():.4f} over the first 10 steps, {last.mean():.4f} over the "
-                     f"last 10); the run may be diverging: consider a lower train.lr")
-
-
 def check_launcher() -> None:
     """Refuse accelerate configs whose engine would wrap the model: leapalign shards it itself (train.parallel).
 
@@ -281,26 +201,12 @@ def check_launcher() -> None:
 
 
 def check_run(cfg: config_mod.Config, resume: str | None):
-    """The checks that need no model: numbers in range, the output directory, the checkpoint to resume.
+    """The checks that need no model: the config, the launcher, the output directory, the checkpoint to resume.
 
     Returns (output dir, resolved config text, checkpoint folder or None).
     """
-    tc = cfg.train
-    for name, value in (("train.steps", tc.steps), ("train.batch_size", tc.batch_size), ("train.num_steps", tc.num_steps), ("train.grad_accum", tc.grad_accum)):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
-    if tc.num_steps < 2:
-        raise UserError("train.num_steps must be >= 2 so that a method has two steps to choose from")
-    if tc.parallel not in ("ddp", "fsdp"):
-        raise UserError(f"train.parallel must be 'ddp' or 'fsdp', got {tc.parallel!r}")
+    config_mod.resolve(cfg)  # a Config built in Python, not through config.load, is checked and completed here too
     check_launcher()
-    if tc.text_cache not in ("device", "cpu"):
-        raise UserError(f"train.text_cache must be 'device' or 'cpu', got {tc.text_cache!r}")
-    if tc.anchor < 0:
-        raise UserError(f"train.anchor must be >= 0 (0 = off), got {tc.anchor}")
-    if tc.anchor > 0 and tc.finetune == "full" and tc.parallel == "fsdp":
-        raise UserError("train.anchor with train.finetune=full keeps a whole frozen copy of the transformer on every rank, "
-                        "which defeats train.parallel=fsdp; use train.finetune=lora (its base is the model with the LoRA off) or train.anchor=0")
     out = Path(cfg.output.dir)
     config_text = config_mod.dump(cfg)
     if resume is None and out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
@@ -313,280 +219,296 @@ def check_run(cfg: config_mod.Config, resume: str | None):
     return out, config_text, resume_from
 
 
-def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = True) -> dict:
-    """Run a whole training job described by `cfg`; returns the summary written to summary.json."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def summarise_infos(infos: list[dict]) -> dict:
+    """One step's log fields from its surrogates' infos, whatever the method reports: floats averaged (d_j, d_N,
+    weight), step choices kept (k, j, K: the value with one surrogate, the list with several)."""
+    out = {}
+    for key in dict.fromkeys(k for info in infos for k in info):
+        vals = [info[key] for info in infos if key in info]
+        out[key] = float(np.mean(vals)) if all(isinstance(v, float) for v in vals) else (vals[0] if len(vals) == 1 else vals)
+    return out
 
-    tc, ec = cfg.train, cfg.eval
-    out, config_text, resume_from = check_run(cfg, resume)
 
-    # Everything that can fail on bad input happens before the output directory is touched.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process  # logs, evaluates and saves; every rank trains
-    for note in config_mod.world_notes(cfg) if main else []:
-        print(note)
-    set_seed(tc.seed)
-    method = build_method(cfg.method)
-    method.check(tc.num_steps)
-    backbone = load_backbone(cfg.model, device)
-    if tc.text_cache == "cpu":
-        backbone.offload_text()
-    reward = load_reward(cfg.reward.fn, cfg.reward.path).to(device)
-    reward_name = reward.name  # the built-in's name, 'module:callable', or 'a=1,b=0.5' for a weighted sum
-    judges = Judges(ec.judges if ec.judges is not None else default_judges(ec.prompts), exclude=reward_name).to(device)
-    train_rows = load_prompt_rows(tc.prompts)
-    eval_rows = load_prompt_rows(ec.prompts)
-    H, W = cfg.model.height, cfg.model.width
-    with torch.no_grad():  # preflight: the reward accepts what the decoder makes
-        probe = backbone.decode(backbone.initial_noise(2, H, W, torch.Generator(device).manual_seed(0)), H, W)
-        reward(probe, [train_rows[0]["prompt"]] * 2)
-    reward.check_finite = False  # from here on a non-finite reward skips the step (guards below) instead of stopping
-    anchor_base = None  # full fine-tuning's anchor: the same adapter over a frozen copy of the transformer
-    if tc.anchor > 0 and tc.finetune == "full":
-        anchor_base = copy.copy(backbone)
-        anchor_base.transformer = copy.deepcopy(backbone.transformer).requires_grad_(False)
-    model_params = setup_trainable(backbone, tc)
-    sharded = tc.parallel == "fsdp" and world > 1
-    if sharded:
-        from .distributed import shard_transformer
+class Run:
+    """One training job, set up once; its state lives on attributes (no closures).  Everything that can fail on
+    bad input happens in __init__ before the output directory is touched."""
 
-        shard_transformer(backbone.transformer, tc.fsdp_cpu_offload, tc.fsdp_reshard)
-        model_params = [p for p in backbone.transformer.parameters() if p.requires_grad]
-    names = [n for n, p in backbone.transformer.named_parameters() if p.requires_grad]  # checkpoints key tensors by them
-    master = MasterWeights(model_params, tc.fp32_master)
-    params = master.params  # what the optimiser, clipping, EMA and checkpoints see
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    ema = EMA(params, tc.ema) if tc.ema else None
+    def __init__(self, cfg: config_mod.Config, resume: str | None = None, progress: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
-    def swap_ema() -> None:
-        ema.swap()
-        master.to_model()
+        self.cfg, tc, ec = cfg, cfg.train, cfg.eval
+        self.out, self.config_text, resume_from = check_run(cfg, resume)
+        self.accelerator = acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.device, self.rank, self.world, self.main = acc.device, acc.process_index, acc.num_processes, acc.is_main_process
+        for note in config_mod.world_notes(cfg) if self.main else []:
+            print(note)
+        set_seed(tc.seed)
+        self.method = build_method(cfg.method)
+        self.method.check(tc.num_steps)
+        self.backbone = load_backbone(cfg.model, self.device)
+        if tc.text_cache == "cpu":
+            self.backbone.offload_text()
+        self.reward = load_reward(cfg.reward.fn, cfg.reward.path).to(self.device)
+        self.judges = Judges(ec.judges if ec.judges is not None else default_judges(ec.prompts), exclude=self.reward.name).to(self.device)
+        self.train_rows, self.eval_rows = load_prompt_rows(tc.prompts), load_prompt_rows(ec.prompts)
+        self.H, self.W = cfg.model.height, cfg.model.width
+        with torch.no_grad():  # preflight: the reward accepts what the decoder makes
+            probe = self.backbone.decode(self.backbone.initial_noise(2, self.H, self.W, torch.Generator(self.device).manual_seed(0)), self.H, self.W)
+            self.reward(probe, [self.train_rows[0]["prompt"]] * 2)
+        self.reward.check_finite = False  # from here on a non-finite reward skips the step (the guard) instead of stopping
+        self._setup_trainable()
+        self.objective = Objective(self.method, self.reward, cfg.reward.lam, cfg.reward.scale, tc.anchor, self.anchor_base, tc.decode_batch)
+        self.gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(self.device).manual_seed(tc.seed + 1),
+                     "pairs": torch.Generator().manual_seed(tc.seed + 2), "anchor": torch.Generator().manual_seed(tc.seed + 3)}
+        acc.wait_for_everyone()  # every rank has checked the output directory before the main one writes to it
+        if self.main:
+            if resume is None and self.out.exists() and cfg.output.overwrite:
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(self.config_text)
+        self.start = ckpt.load(resume_from, self.params, self.optimizer, self.ema, self.gens, self.names) if resume_from else 0
+        self.master.to_model()
+        self.log = RunLog(self.out, self.start, self.main, cfg.output.tensorboard)
+        self.bar = range(self.start, tc.steps)
+        if progress and self.main:
+            from tqdm.auto import tqdm
 
-    objective = Objective(method, reward, cfg.reward.lam, cfg.reward.scale, tc.anchor, anchor_base, tc.decode_batch)
-    everyone = (lambda ok: agree(ok, device)) if world > 1 else (lambda ok: ok)  # all ranks decide together
-    gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(device).manual_seed(tc.seed + 1),
-            "pairs": torch.Generator().manual_seed(tc.seed + 2), "anchor": torch.Generator().manual_seed(tc.seed + 3)}
+            self.bar = tqdm(self.bar, desc=self.method.name, initial=self.start, total=tc.steps)
+        writer = getattr(self.bar, "write", print)
+        self.say = writer if self.main else (lambda message: None)  # one voice, not one per rank
+        self.guard = Guard(tc.max_bad_steps, self.say, cfg.reward.lam, skipped=sum("skipped" in m for m in self.log.metrics))
+        self.watch, self.hack_warnings, self.best = HackWatch(ec.hack_margin), [], {"value": None}
+        self.resume_point = (self.start, ckpt.capture_rng(self.gens))  # what Ctrl-C saves: the state after the last finished step
 
-    accelerator.wait_for_everyone()  # every rank has checked the output directory before the main one writes to it
-    if main:
-        if resume is None and out.exists() and cfg.output.overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_text)
-    start = ckpt.load(resume_from, params, optimizer, ema, gens, names) if resume_from is not None else 0
-    master.to_model()
-    writer = None
-    if cfg.output.tensorboard and main:
-        from torch.utils.tensorboard import SummaryWriter
+    def _setup_trainable(self) -> None:
+        """LoRA or full weights, sharded if asked, with fp32 masters, AdamW and the EMA; the anchor's frozen base."""
+        tc = self.cfg.train
+        self.anchor_base = None  # full fine-tuning's anchor: the same adapter over a frozen copy of the transformer
+        if tc.anchor > 0 and tc.finetune == "full":
+            self.anchor_base = copy.copy(self.backbone)
+            self.anchor_base.transformer = copy.deepcopy(self.backbone.transformer).requires_grad_(False)
+        self.model_params = setup_trainable(self.backbone, tc)
+        self.sharded = tc.parallel == "fsdp" and self.world > 1
+        if self.sharded:
+            from .distributed import shard_transformer
 
-        writer = SummaryWriter(str(out / "tensorboard"))
+            shard_transformer(self.backbone.transformer, tc.fsdp_cpu_offload, tc.fsdp_reshard)
+            self.model_params = [p for p in self.backbone.transformer.parameters() if p.requires_grad]
+        self.names = [n for n, p in self.backbone.transformer.named_parameters() if p.requires_grad]  # checkpoint keys
+        self.master = MasterWeights(self.model_params, tc.fp32_master)
+        self.params = self.master.params  # what the optimiser, clipping, EMA and checkpoints see
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.ema = EMA(self.params, tc.ema) if tc.ema else None
 
-    def run_eval(tag: str) -> dict:
-        """Every rank samples (a sharded model needs all of them) and scores; the main one writes the grid."""
-        if ema is not None:
-            swap_ema()
-        res, imgs = evaluate_model(backbone, reward, eval_rows, ec.num_steps, H, W, ec.batch_size, ec.num_images, judges=judges)
-        if sharded:
+    def swap_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.swap()
+            self.master.to_model()
+
+    def evaluate(self, tag: str) -> dict:
+        """Every rank samples (a sharded model needs all of them) and scores, with the EMA weights; the main one writes the grid."""
+        ec = self.cfg.eval
+        self.swap_ema()
+        res, imgs = evaluate_model(self.backbone, self.reward, self.eval_rows, ec.num_steps, self.H, self.W, ec.batch_size,
+                                   ec.num_images, judges=self.judges)
+        if self.sharded:
             from .distributed import reshard
 
-            reshard(backbone.transformer)
-        if ema is not None:
-            swap_ema()
+            reshard(self.backbone.transformer)
+        self.swap_ema()
         res = {k: v for k, v in res.items() if k not in ("rewards", "per_image")}
-        if main:
-            evaluated = spread(eval_rows, ec.num_images) if ec.num_images else eval_rows
+        if self.main:
+            evaluated = spread(self.eval_rows, ec.num_images) if ec.num_images else self.eval_rows
             pick = spread(list(range(len(imgs))), ec.grid_size)
-            title = ", ".join([f"{tag}: {reward_name} {res.get('reward', float('nan')):.3f}"] +
+            title = ", ".join([f"{tag}: {self.reward.name} {res.get('reward', float('nan')):.3f}"] +
                               [f"{n} {headline(v):.3f}" for n, v in res.get("judges", {}).items()])
-            save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], out / "samples" / f"{tag}.png", title=title)
+            save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], self.out / "samples" / f"{tag}.png", title=title)
         return res
 
-    def judged(step_done: int, res: dict, final: bool = False) -> bool:
-        """Log an evaluation, keep the best weights (eval.stop_on_hack) and watch for hacking; True = stop the run."""
-        if writer is not None:
-            writer.add_scalar("eval/reward", res.get("reward", float("nan")), step_done)
-            for name, value in res.get("judges", {}).items():
-                for part, v in (value.items() if isinstance(value, dict) else [("", value)]):
-                    writer.add_scalar(f"eval/{name}" + (f"_{part}" if part and part != "overall" else ""), v, step_done)
+    def judge(self, step_done: int, res: dict, final: bool = False, replay: bool = False) -> bool:
+        """Log an evaluation, keep the best weights (eval.stop_on_hack) and watch for hacking; True = stop the run.
+        `replay`: an evaluation of the run before it resumed, fed to the watch only."""
+        if replay:
+            self.watch.update(step_done, res, final)
+            return False
+        self.log.evaluation(step_done, res, final)
         first = next(iter(res.get("judges", {}).values()), None)
-        if ec.stop_on_hack and first is not None and (best["value"] is None or headline(first) > best["value"]):
-            best.update(value=headline(first), step=step_done, params=[p.detach().clone() for p in params],
-                        ema=[t.clone() for t in ema.shadow] if ema is not None else None)
-        lines = watch.update(step_done, res, final)
+        if self.cfg.eval.stop_on_hack and first is not None and (self.best["value"] is None or headline(first) > self.best["value"]):
+            self.best.update(value=headline(first), step=step_done, params=[p.detach().clone() for p in self.params],
+                             ema=[t.clone() for t in self.ema.shadow] if self.ema is not None else None)
+        lines = self.watch.update(step_done, res, final)
         for line in lines:
-            say(line)
-        hack_warnings.extend(lines)
-        return bool(lines) and ec.stop_on_hack
+            self.say(line)
+        self.hack_warnings.extend(lines)
+        return bool(lines) and self.cfg.eval.stop_on_hack
 
-    def save(step_done: int, rng: dict) -> None:
+    def save(self, step_done: int, rng: dict) -> None:
         """Every rank joins (sharded tensors are gathered); the main one writes."""
-        accelerator.wait_for_everyone()
-        ckpt.save(out / "checkpoints", step_done, params, optimizer, ema, rng, config_text, tc.keep_last_n, write=main, names=names)
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+        ckpt.save(self.out / "checkpoints", step_done, self.params, self.optimizer, self.ema, rng, self.config_text,
+                  self.cfg.train.keep_last_n, write=self.main, names=self.names)
+        self.accelerator.wait_for_everyone()
 
-    summary = {"method": method.name, "reward": reward_name, "steps": tc.steps, "processes": world, "parallel": "fsdp" if sharded else "ddp"}
-    during = []  # the periodic held-out evaluations (eval.every) of this run
-    watch, hack_warnings, best = HackWatch(ec.hack_margin), [], {"value": None}
-    if start == 0:
-        before = run_eval("before")
-    else:
-        before = json.loads((out / "summary_before.json").read_text())
-    if main:
-        write_json(out / "summary_before.json", before)
-    accelerator.wait_for_everyone()
+    def begin(self) -> dict:
+        """The held-out evaluation before training (read back on resume, with the evaluations since)."""
+        if self.start == 0:
+            before = self.evaluate("before")
+            self.judge(0, before)
+        else:
+            before = json.loads((self.out / "summary_before.json").read_text())
+            for e in self.log.evals or [{"step": 0, **before}]:
+                self.judge(e["step"], {k: v for k, v in e.items() if k != "step"}, replay=True)
+        if self.main:
+            write_json(self.out / "summary_before.json", before)
+        self.accelerator.wait_for_everyone()
+        self.backbone.transformer.train()
+        return before
 
-    metrics_path = out / "metrics.jsonl"
-    metrics: list[dict] = [json.loads(l) for l in metrics_path.read_text().splitlines()] if resume and metrics_path.exists() else []
-    metrics = [m for m in metrics if m["step"] <= start]
-    metrics_file = metrics_path.open("w") if main else open(os.devnull, "w")
-    for m in metrics:
-        metrics_file.write(json.dumps(m) + "\n")
-    B = tc.batch_size
-    mine = slice(rank * B, (rank + 1) * B)  # this rank's share of the global batch of B x processes
-    bar = range(start, tc.steps)
-    progress = progress and main
-    if progress:
-        from tqdm.auto import tqdm
+    def train_step(self, step: int) -> dict:
+        """One optimiser step over train.grad_accum rollouts; returns its metrics record (also logged)."""
+        tc, world, B = self.cfg.train, self.world, self.cfg.train.batch_size
+        t0 = time.time()
+        agg = {"reward": 0.0, "loss": 0.0, "active": 0.0, "reward_min": math.inf, "reward_max": -math.inf}
+        infos, bad, prompts = [], None, []
+        everyone = (lambda ok: agree(ok, self.device)) if world > 1 else (lambda ok: ok)  # all ranks decide together
+        mine = slice(self.rank * B, (self.rank + 1) * B)  # this rank's share of the global batch of B x processes
+        for _ in range(tc.grad_accum):
+            # every rank draws the whole global batch from the shared generators and keeps its slice,
+            # so N processes with batch b train exactly like one process with batch N b
+            picks = draw_prompts(self.train_rows, B * world, self.gens["prompts"], tc.balance_tags)[mine]
+            noise = self.backbone.initial_noise(B * world, self.H, self.W, self.gens["noise"])[mine]
+            prompts = [self.train_rows[i]["prompt"] for i in picks]
+            traj = rollout(self.backbone, prompts, tc.num_steps, self.H, self.W, noise=noise, keep_velocities=self.method.needs_velocities)
+            res = objective_step(self.backbone, self.objective, traj, self.gens, 1.0 / tc.grad_accum, agree=everyone)
+            if res.bad == "reward":
+                bad = bad or "reward"
+                continue
+            agg["reward"] += res.rewards.mean().item() / tc.grad_accum
+            agg["active"] += res.active / tc.grad_accum
+            agg["reward_min"] = min(agg["reward_min"], res.rewards.min().item())
+            agg["reward_max"] = max(agg["reward_max"], res.rewards.max().item())
+            if len(res.components) > 1:  # a weighted sum: each reward logged by name
+                for name, values in res.components.items():
+                    agg[f"reward/{name}"] = agg.get(f"reward/{name}", 0.0) + values.float().mean().item() / tc.grad_accum
+            agg["loss"] += res.loss
+            infos += res.infos
+            if res.anchor is not None:
+                agg["anchor"] = agg.get("anchor", 0.0) + res.anchor / tc.grad_accum
+            bad = bad or res.bad
+        if not math.isfinite(agg["reward_min"]):  # every micro-batch skipped: no range to log (on every rank alike)
+            del agg["reward_min"], agg["reward_max"]
+        if world > 1:
+            bad = average_across_ranks(self.model_params, agg, bad, grads=not self.sharded)  # FSDP reduce-scattered them
+        grad_norm, bad = self._optimiser_step(bad)
+        rec = {"step": step + 1, **agg, "grad_norm": grad_norm, **summarise_infos(infos)}
+        if bad is not None:
+            rec.update({"skipped": f"non-finite {bad}", "prompts": prompts})
+        rec["skipped_steps"] = self.guard.record(step + 1, bad, rec)
+        rec["seconds"] = time.time() - t0
+        rec["peak_memory_mb"] = peak_memory_mb(self.device)
+        self.guard.watch_reward(rec)
+        self.guard.watch_hinge(rec, first=step == self.start)
+        self.log.step(rec)
+        self.resume_point = (step + 1, ckpt.capture_rng(self.gens))
+        if hasattr(self.bar, "set_postfix"):
+            self.bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['loss']:.3f}")
+        return rec
 
-        bar = tqdm(bar, desc=f"{method.name}", initial=start, total=tc.steps)
-    say = (bar.write if progress else print) if main else (lambda message: None)  # one voice, not one per rank
-    guard = Guard(tc.max_bad_steps, say, cfg.reward.lam)
-    if start == 0:
-        judged(0, before)
-    else:  # resumed: the watch starts from `before`, nothing to log again
-        watch.update(0, before)
-    stopped_at = None
-    resume_point = (start, ckpt.capture_rng(gens))  # what Ctrl-C saves: the state after the last finished step
-    backbone.transformer.train()
-    try:
-        for step in bar:
-            t0 = time.time()
-            rec: dict = {"step": step + 1}
-            agg = {"reward": 0.0, "loss": 0.0, "active": 0.0, "reward_min": math.inf, "reward_max": -math.inf}
-            infos, bad, prompts = [], None, []
-            for _ in range(tc.grad_accum):
-                # every rank draws the whole global batch from the shared generators and keeps its slice,
-                # so N processes with batch b train exactly like one process with batch N b
-                picks = draw_prompts(train_rows, B * world, gens["prompts"], tc.balance_tags)[mine]
-                noise = backbone.initial_noise(B * world, H, W, gens["noise"])[mine]
-                prompts = [train_rows[i]["prompt"] for i in picks]
-                traj = rollout(backbone, prompts, tc.num_steps, H, W, noise=noise, keep_velocities=method.needs_velocities)
-                res = objective_step(backbone, objective, traj, gens, 1.0 / tc.grad_accum, agree=everyone)
-                if res.bad == "reward":
-                    bad = bad or "reward"
-                    continue
-                agg["reward"] += res.rewards.mean().item() / tc.grad_accum
-                agg["active"] += res.active / tc.grad_accum
-                agg["reward_min"] = min(agg["reward_min"], res.rewards.min().item())
-                agg["reward_max"] = max(agg["reward_max"], res.rewards.max().item())
-                if len(res.components) > 1:  # a weighted sum: each reward logged by name
-                    for name, values in res.components.items():
-                        agg[f"reward/{name}"] = agg.get(f"reward/{name}", 0.0) + values.float().mean().item() / tc.grad_accum
-                agg["loss"] += res.loss
-                infos += res.infos
-                if res.anchor is not None:
-                    agg["anchor"] = agg.get("anchor", 0.0) + res.anchor / tc.grad_accum
-                bad = bad or res.bad
-            if not math.isfinite(agg["reward_min"]):  # every micro-batch skipped: no range to log (on every rank alike)
-                del agg["reward_min"], agg["reward_max"]
-            if world > 1:
-                bad = average_across_ranks(model_params, agg, bad, grads=not sharded)  # FSDP reduce-scattered them
-            master.grads_to_master()
-            grad_norm = float("nan")
-            if bad is None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
-                if not math.isfinite(grad_norm):
-                    bad = "gradient"
-            if bad is None:
-                optimizer.step()
-                master.to_model()
-                if ema is not None:
-                    ema.update()
-            optimizer.zero_grad(set_to_none=True)
-            for p in model_params:
-                p.grad = None
-            rec.update(agg)
-            rec["grad_norm"] = grad_norm
-            for key in ("d_j", "d_N", "weight", "k", "j"):
-                vals = [i[key] for i in infos if key in i]
-                if vals:
-                    rec[key] = float(np.mean(vals)) if key not in ("k", "j") else (vals[0] if len(vals) == 1 else vals)
-            if bad is not None:
-                rec.update({"skipped": f"non-finite {bad}", "prompts": prompts})
-            rec["skipped_steps"] = guard.record(step + 1, bad, rec)
-            rec["seconds"] = time.time() - t0
-            rec["peak_memory_mb"] = peak_memory_mb(device)
-            guard.watch_reward(rec)
-            guard.watch_hinge(rec, first=step == start)
-            metrics.append(rec)
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
-            resume_point = (step + 1, ckpt.capture_rng(gens))
-            if writer is not None:
-                for k2, v in rec.items():
-                    if isinstance(v, (int, float)) and k2 != "step":
-                        writer.add_scalar(f"train/{k2}", v, step + 1)
-            if progress:
-                bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['loss']:.3f}")
-            if ec.every and (step + 1) % ec.every == 0 and step + 1 < tc.steps:
-                res = run_eval(f"step_{step + 1}")
-                during.append({"step": step + 1, **res})
-                if judged(step + 1, res):
-                    stopped_at = step + 1
-                    break
-            if tc.save_every and (step + 1) % tc.save_every == 0:
-                save(step + 1, resume_point[1])
-    except KeyboardInterrupt:  # no barrier here: the other ranks may be anywhere
-        metrics_file.close()
-        if sharded:  # gathering shards needs every rank at the same point, which an interrupt does not give
-            say("interrupted: a sharded run cannot save here; resume from the last periodic checkpoint (train.save_every)")
-            raise
-        if main:
-            ckpt.save(out / "checkpoints", resume_point[0], params, optimizer, ema, resume_point[1], config_text, tc.keep_last_n, names=names)
-        say(f"interrupted: saved checkpoints/step_{resume_point[0]}; continue with `leapalign train --config {out / 'config.yaml'} --resume`")
-        raise
-    metrics_file.close()
-    backbone.transformer.eval()
-    save(resume_point[0], resume_point[1])
-    if stopped_at is not None:  # eval.stop_on_hack: back to the weights where the first judge was best
+    def _optimiser_step(self, bad: str | None) -> tuple[float, str | None]:
+        """Clip, step AdamW (on the fp32 masters) and the EMA, unless the step is bad; returns (grad norm, bad)."""
+        tc = self.cfg.train
+        self.master.grads_to_master()
+        grad_norm = float("nan")
+        if bad is None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+            if not math.isfinite(grad_norm):
+                bad = "gradient"
+        if bad is None:
+            self.optimizer.step()
+            self.master.to_model()
+            if self.ema is not None:
+                self.ema.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.model_params:
+            p.grad = None
+        return grad_norm, bad
+
+    def interrupted(self) -> None:
+        """Ctrl-C: save the state after the last finished step (not possible when sharded: no common point)."""
+        self.log.close()
+        if self.sharded:
+            self.say("interrupted: a sharded run cannot save here; resume from the last periodic checkpoint (train.save_every)")
+            return
+        if self.main:
+            ckpt.save(self.out / "checkpoints", self.resume_point[0], self.params, self.optimizer, self.ema, self.resume_point[1],
+                      self.config_text, self.cfg.train.keep_last_n, names=self.names)
+        self.say(f"interrupted: saved checkpoints/step_{self.resume_point[0]}; continue with "
+                 f"`leapalign train --config {self.out / 'config.yaml'} --resume`")
+
+    def keep_best(self, stopped_at: int) -> None:
+        """eval.stop_on_hack: back to the weights (and EMA) of the evaluation where the first judge was best."""
         with torch.no_grad():
-            for p, b in zip(params, best["params"]):
+            for p, b in zip(self.params, self.best["params"]):
                 p.copy_(b)
-            if ema is not None:
-                for s_, b in zip(ema.shadow, best["ema"]):
+            if self.ema is not None:
+                for s_, b in zip(self.ema.shadow, self.best["ema"]):
                     s_.copy_(b)
-        master.to_model()
-        say(f"stopped at step {stopped_at} (eval.stop_on_hack); kept the weights of step {best['step']}, where the first judge was best")
-        summary.update(stopped_at=stopped_at, kept_step=best["step"])
+        self.master.to_model()
+        self.say(f"stopped at step {stopped_at} (eval.stop_on_hack); kept the weights of step {self.best['step']}, where the first judge was best")
 
-    after = run_eval("after")
-    if stopped_at is None:
-        judged(tc.steps, after, final=True)
-    if ema is not None:
-        swap_ema()
-    if tc.finetune == "lora":
-        save_lora(backbone, out / "lora", write=main)
-        summary["lora"] = "lora"
-    else:
-        save_transformer(backbone, out / "transformer", write=main)
-        summary["transformer"] = "transformer"
-    accelerator.wait_for_everyone()
-    if not main:
+    def finish(self, before: dict, stopped_at: int | None) -> dict:
+        """The last checkpoint, the held-out evaluation after, the exported weights (EMA), summary.json and the curve."""
+        tc = self.cfg.train
+        self.backbone.transformer.eval()
+        self.save(*self.resume_point)
+        summary = {"method": self.method.name, "reward": self.reward.name, "steps": tc.steps, "processes": self.world,
+                   "parallel": "fsdp" if self.sharded else "ddp"}
+        if stopped_at is not None:
+            self.keep_best(stopped_at)
+            summary.update(stopped_at=stopped_at, kept_step=self.best["step"])
+        after = self.evaluate("after")
+        if stopped_at is None:
+            self.judge(tc.steps, after, final=True)
+        else:
+            self.log.evaluation(stopped_at, after, final=True)
+        self.swap_ema()
+        if tc.finetune == "lora":
+            save_lora(self.backbone, self.out / "lora", write=self.main)
+            summary["lora"] = "lora"
+        else:
+            save_transformer(self.backbone, self.out / "transformer", write=self.main)
+            summary["transformer"] = "transformer"
+        self.accelerator.wait_for_everyone()
+        during = self.log.during()
+        self.log.close(self.out / "reward_curve.png")
+        if not self.main:
+            return summary
+        summary.update({"before": before, "after": after})
+        for key, value in (("during", during), ("hack_warnings", self.hack_warnings), ("skipped_steps", self.guard.skipped),
+                           ("warnings", self.guard.warnings)):
+            if value:
+                summary[key] = value
+        write_json(self.out / "summary.json", summary)
         return summary
-    summary.update({"before": before, "after": after})
-    if during:
-        summary["during"] = during
-    if hack_warnings:
-        summary["hack_warnings"] = hack_warnings
-    if guard.skipped:
-        summary["skipped_steps"] = guard.skipped
-    if guard.warnings:
-        summary["warnings"] = guard.warnings
-    write_json(out / "summary.json", summary)
-    evals = ([{"step": 0, **before}] if start == 0 else []) + during + [{"step": stopped_at or tc.steps, **after}]
-    plot_curve([m for m in metrics if "skipped" not in m], out / "reward_curve.png", evals)
-    if writer is not None:
-        writer.close()
-    return summary
+
+
+def train(cfg: config_mod.Config, resume: str | None = None, progress: bool = True) -> dict:
+    """Run a whole training job described by `cfg`; returns the summary written to summary.json."""
+    run = Run(cfg, resume, progress)
+    tc, every = cfg.train, cfg.eval.every
+    before = run.begin()
+    stopped_at = None
+    try:
+        for step in run.bar:
+            run.train_step(step)
+            done = step + 1
+            if every and done % every == 0 and done < tc.steps and run.judge(done, run.evaluate(f"step_{done}")):
+                stopped_at = done
+                break
+            if tc.save_every and done % tc.save_every == 0:
+                run.save(*run.resume_point)
+    except KeyboardInterrupt:  # no barrier here: the other ranks may be anywhere
+        run.interrupted()
+        raise
+    return run.finish(before, stopped_at)
