@@ -82,37 +82,11 @@ def _scheduler():
 
 
 def _text_encoders_one_layer(clip_tok, t5_tok):
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    """One CLIP and one T5 layer (the T5 pads differ per prompt, unlike the base's zero-layer T5)."""
+    from leapalign.shapeworld import components
 
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=TEXT_DIM,
-            intermediate_size=2 * TEXT_DIM,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=clip_tok.model_max_length,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-            projection_dim=TEXT_DIM,
-        )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=TEXT_DIM,
-            d_kv=16,
-            d_ff=2 * TEXT_DIM,
-            num_layers=1,
-            num_heads=2,
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-            dropout_rate=0.0,
-        )
-    )
-    return clip, t5
+    return components.make_text_encoders(clip_tok, t5_tok, width=TEXT_DIM, clip_layers=1, t5_layers=1, heads=2, ff_mult=2,
+                                         clip_length=clip_tok.model_max_length)
 
 
 def _build(merged: bool):

@@ -239,3 +239,15 @@ def test_a_removed_key_is_explained_and_ignored():
     with pytest.warns(UserWarning, match="output.log_every is ignored"):
         cfg = config.load(PRESET, ["output.log_every=5"])
     assert "log_every" not in config.dump(cfg)
+
+
+def test_a_launch_that_asked_for_processes_and_got_one_says_so(monkeypatch):
+    from leapalign.train import launch_notes
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    (note,) = launch_notes(1)
+    assert "started one" in note and "--num-processes" in note
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch_notes(2) == []

@@ -147,7 +147,7 @@ def test_resume_refuses_a_changed_config_and_allows_harmless_changes(tmp_path, m
     train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=2"), progress=False)
     with pytest.raises(UserError, match=r"cannot resume step_2 with a different config \(method.alpha: 0.3 -> 0.1; train.seed: 0 -> 1\)"):
         train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=3", "method.alpha=0.1", "train.seed=1"), resume="latest", progress=False)
-    with pytest.warns(UserWarning, match=r"train.save_every: 0 -> 5; train.gradient_checkpointing: False -> True"):
+    with pytest.warns(UserWarning, match=r"train.gradient_checkpointing: False -> True; train.save_every: 0 -> 5"):
         train_mod.train(_cfg(tmp_path, model_dir, "cfg", "train.steps=3", "train.save_every=5", "train.gradient_checkpointing=true"),
                         resume="latest", progress=False)
     assert (tmp_path / "cfg" / "checkpoints" / "latest").read_text() == "step_3"

@@ -174,3 +174,14 @@ def test_robust_accuracy_attack_breaks_the_unrobust_shipped_reward():
     attacked = robust_accuracy(reward, 48, seed=7, eps=0.03)
     assert clean >= 0.95
     assert attacked <= 0.6
+
+
+def test_shapescore_training_script_runs_and_writes_a_loadable_reward(tmp_path):
+    """`python -m leapalign.shapeworld.train_reward` end to end at toy size: a CLIP folder ClipReward loads, and its check."""
+    from leapalign.rewards.clip import ClipReward
+    from leapalign.shapeworld.train_reward import main
+
+    main(["--out", str(tmp_path / "r"), "--steps", "2", "--batch", "6", "--check", "8", "--image-negs", "1"])
+    reward = ClipReward.from_pretrained(tmp_path / "r")
+    assert reward(torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]).shape == (2,)
+    assert "overall" in json.loads((tmp_path / "r_accuracy.json").read_text())

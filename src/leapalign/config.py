@@ -19,6 +19,9 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .methods import build_method
+from .rewards import default_hinge
+from .values import coerce, parse_scalar
 
 
 @dataclass
@@ -153,61 +156,6 @@ def _closest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{hit[0]}'?" if hit else ""
 
 
-def coerce(value, tp, where: str):
-    """Check/convert a YAML value to the field's annotated type."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        for option in inner[:-1]:  # the first type the value fits; the last one's error otherwise
-            try:
-                return coerce(value, option, where)
-            except UserError:
-                pass
-        return coerce(value, inner[-1], where)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where} must be a mapping, got {value!r}")
-        return {coerce(k, args[0], where): coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise UserError(f"{where} must be true or false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool) or value is None:
-            raise UserError(f"{where} must be a number, got {value!r}")
-        try:
-            out = tp(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where} must be a number, got {value!r}") from None
-        if tp is int and float(value) != out:
-            raise UserError(f"{where} must be a whole number, got {value!r}")
-        return out
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise UserError(f"{where} must be a string, got {value!r}")
-        return str(value)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [_parse_scalar(v.strip()) for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise UserError(f"{where} must have {len(args)} values, got {value!r}")
-            return tuple(coerce(v, a, where) for v, a in zip(value, args))
-        return [coerce(v, args[0], where) for v in value] if args else list(value)
-    return value
-
-
-def _parse_scalar(text: str):
-    return yaml.safe_load(text) if text != "" else ""
-
-
 def build(data: dict) -> Config:
     """Config from a nested dict, with every key and type checked."""
     cfg = Config()
@@ -237,8 +185,6 @@ def build(data: dict) -> Config:
             if key not in fields:
                 raise UserError(f"unknown config key '{section}.{key}'{_closest(key, [f'{k}' for k in fields])}")
             setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
-    from .methods import build_method
-
     cfg.method = build_method(cfg.method, typed_options=True)  # validates the method's name and options now, before any work
     return resolve(cfg)
 
@@ -246,8 +192,6 @@ def build(data: dict) -> Config:
 def resolve(cfg: Config) -> Config:
     """Check the config (validate) and fill the defaults that depend on other keys: the reward's own hinge
     (reward.lam, reward.scale) and the learning rate of the fine-tuning kind.  Idempotent."""
-    from .rewards import default_hinge
-
     cfg.validate()
     hinge = default_hinge(cfg.reward.fn)
     if cfg.reward.lam is None:
@@ -302,7 +246,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise UserError(f"config section '{section}' must be a mapping")
-        data[section][key] = _parse_scalar(value)
+        data[section][key] = parse_scalar(value)
     return build(data)
 
 

@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import UserError
 
 
-def load_prompt_rows(spec: str) -> list[dict]:
-    """Rows {"prompt", "seed"[, "tag"]} from "shapeworld:train|eval" or a text file (one prompt a line)."""
-    if spec.startswith("shapeworld:"):
-        from .shapeworld import world
+# "set:name" prompt sets -> rows(name) [{"prompt", "seed"?, "tag"?}]; plug-ins add theirs (ShapeWorld: shapeworld:train|eval)
+PROMPT_SETS: dict[str, Callable[[str], list[dict]]] = {}
 
-        name = spec.split(":", 1)[1]
+
+def load_prompt_rows(spec: str) -> list[dict]:
+    """Rows {"prompt", "seed"[, "tag"]} from a registered prompt set ("shapeworld:eval") or a text file (one prompt a line)."""
+    prefix, _, name = spec.partition(":")
+    if name and prefix in PROMPT_SETS:
         try:
-            rows = world.prompt_rows(name)
+            rows = PROMPT_SETS[prefix](name)
         except ValueError as e:
             raise UserError(str(e)) from None
     else:

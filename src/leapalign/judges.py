@@ -21,14 +21,9 @@ from .evaluation import reward_values
 Checker = Callable[[torch.Tensor, list], dict]
 
 
-def _shapeeval() -> Checker:
-    from .shapeworld import evaluate
-
-    return evaluate
-
-
-CHECKERS: dict[str, Callable[[], Checker]] = {"shapeeval": _shapeeval}
-DEFAULTS: dict[str, list[str]] = {"shapeworld:": ["shapeeval", "shapescore"]}  # prompt-set prefix -> judges
+# name -> factory() of a checker; prompt-set prefix -> its default judges.  Plug-ins fill both (ShapeWorld: shapeeval)
+CHECKERS: dict[str, Callable[[], Checker]] = {}
+DEFAULTS: dict[str, list[str]] = {}
 
 
 def register_checker(name: str, factory: Callable[[], Checker]) -> None:

@@ -200,6 +200,16 @@ def check_launcher() -> None:
                         "(train.fsdp_reshard, train.fsdp_cpu_offload for the other FSDP options)")
 
 
+def launch_notes(world: int) -> list[str]:
+    """accelerate's simple launcher asked for several processes (it set MASTER_ADDR) but started one (no WORLD_SIZE):
+    on a CPU machine without MPI, `accelerate launch --num_processes N --cpu` runs a single process."""
+    env = os.environ
+    if world == 1 and "MASTER_ADDR" in env and "WORLD_SIZE" not in env and "ACCELERATE_USE_CPU" in env:
+        return ["note: the launcher asked for several processes but started one (accelerate launch on a CPU machine without "
+                "MPI runs one); use `leapalign train --num-processes N` there, `accelerate launch` on GPU machines"]
+    return []
+
+
 def check_run(cfg: config_mod.Config, resume: str | None):
     """The checks that need no model: the config, the launcher, the output directory, the checkpoint to resume.
 
@@ -241,7 +251,7 @@ class Run:
         self.out, self.config_text, resume_from = check_run(cfg, resume)
         self.accelerator = acc = Accelerator(cpu=not torch.cuda.is_available())
         self.device, self.rank, self.world, self.main = acc.device, acc.process_index, acc.num_processes, acc.is_main_process
-        for note in config_mod.world_notes(cfg) if self.main else []:
+        for note in (config_mod.world_notes(cfg) + launch_notes(self.world)) if self.main else []:
             print(note)
         set_seed(tc.seed)
         self.method = build_method(cfg.method)

@@ -5,6 +5,7 @@ import inspect
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,12 +27,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def resolve_model_path(path: str) -> str:
-    if path == "shapeworld":
-        from ..shapeworld import BASE_DIR, _require
+# model.path aliases -> a function returning the folder; plug-ins add theirs (the embedded ShapeWorld: "shapeworld")
+MODEL_ALIASES: dict[str, Callable[[], str]] = {}
 
-        return str(_require(BASE_DIR, "the ShapeWorld base pipeline"))
-    return path
+
+def resolve_model_path(path: str) -> str:
+    return MODEL_ALIASES[path]() if path in MODEL_ALIASES else path
 
 
 def missing_components(folder: Path) -> list[str]:

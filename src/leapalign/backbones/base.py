@@ -1,6 +1,8 @@
 """What every backbone adapter offers the rollout and the methods; nothing else knows the model family."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -137,3 +139,11 @@ class Backbone:
     def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1], differentiable in x."""
         raise NotImplementedError
+
+
+def square_side(n_tokens: int) -> int:
+    """The side of a square token grid: without a resolution (at_resolution) only a square grid is unambiguous."""
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"{n_tokens} image tokens are not a square grid; call backbone.at_resolution(cond, height, width) first")
+    return side

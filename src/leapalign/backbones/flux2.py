@@ -9,12 +9,11 @@ step-distilled ones); FLUX.2-dev uses a distilled guidance embedding instead.
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 
 from .. import schedule
-from .base import Backbone, Conditioning
+from .base import Backbone, Conditioning, square_side
 
 
 def pack_tokens(z: torch.Tensor) -> torch.Tensor:
@@ -111,10 +110,8 @@ class Flux2KleinBackbone(Backbone):
         b, n_img = x.shape[0], x.shape[1]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         img_ids = cond.shared.get("img_ids")
-        if img_ids is None:  # no resolution given: only a square token grid is unambiguous
-            side = math.isqrt(n_img)
-            if side * side != n_img:
-                raise ValueError(f"{n_img} image tokens are not a square grid; call backbone.at_resolution(cond, height, width) first")
+        if img_ids is None:
+            side = square_side(n_img)
             img_ids = token_ids(side, side).to(x.device)
         embeds = cond.batch["embeds"]
         if not self.do_cfg:

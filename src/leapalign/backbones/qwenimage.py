@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 
-import math
 
 import torch
 
 from .. import schedule
-from .base import Backbone, Conditioning
+from .base import Backbone, Conditioning, square_side
 from .flux import pack_latents, unpack_latents
 
 
@@ -107,10 +106,8 @@ class QwenImageBackbone(Backbone):
         b, n_img = x.shape[0], x.shape[1]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         shape = cond.shared.get("img_shape")
-        if shape is None:  # no resolution given: only a square token grid is unambiguous
-            side = math.isqrt(n_img)
-            if side * side != n_img:
-                raise ValueError(f"{n_img} image tokens are not a square grid; call backbone.at_resolution(cond, height, width) first")
+        if shape is None:
+            side = square_side(n_img)
             shape = (1, side, side)
         img_shapes = [[tuple(int(s) for s in shape)]] * b
         # the pipeline feeds (sigma * 1000) in the latent dtype, / 1000

@@ -6,6 +6,7 @@ import difflib
 import typing
 
 from ..errors import UserError
+from ..values import coerce
 from .base import Method, Surrogate
 from .alignprop import AlignProp
 from .draft import DraftK, DraftLV
@@ -29,8 +30,6 @@ def build_method(options: dict, typed_options: bool = False):
     """A method from `{"name": ..., **its options}`, with unknown names, keys and bad values rejected.
 
     With `typed_options`, return all its options, defaults included, in the fields' types instead (for the config)."""
-    from ..config import coerce
-
     options = dict(options)
     name = options.pop("name", None)
     if name not in REGISTRY:

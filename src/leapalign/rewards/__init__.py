@@ -24,27 +24,14 @@ from ..errors import UserError
 RewardFn = Callable[[torch.Tensor, list], torch.Tensor]
 
 
-def _shapescore(path: str | None = None) -> RewardFn:
-    from ..shapeworld import load_reward
-
-    return load_reward(path)
-
-
-def _shapematch(path: str | None = None) -> RewardFn:
-    from ..shapeworld.shapematch import load_shapematch
-
-    return load_shapematch(path)
-
-
 def _builtin(factory: str, name: str, path: str | None = None) -> RewardFn:
     from . import builtin
 
     return getattr(builtin, factory)(name, path)
 
 
+# name -> factory(path); plug-ins add theirs (the embedded ShapeWorld: shapematch, shapescore)
 BUILTIN: dict[str, Callable[..., RewardFn]] = {
-    "shapescore": _shapescore,
-    "shapematch": _shapematch,
     "hpsv2": partial(_builtin, "hpsv2", "hpsv2"),
     "hpsv2.1": partial(_builtin, "hpsv2", "hpsv2.1"),
     "pickscore": partial(_builtin, "pickscore", "pickscore"),
@@ -63,8 +50,6 @@ HINGE: dict[str, tuple[float, float]] = {
     "clipscore": (2.5, 1.0),  # no published margin: the score's maximum, every sample trains
     "aesthetic": (10.0, 1.0),  # no published margin: the top of the 1-10 scale
     "imagereward": (2.0, 1e-3),  # ImageReward's ReFL: relu(2 - r) * grad_scale 1e-3
-    "shapematch": (1.0, 1.0),  # its maximum (every term satisfied)
-    "shapescore": (1.0, 1.0),  # a probability-like score in [0, 1]
 }
 
 

@@ -98,31 +98,33 @@ def make_tokenizers():
     return clip_tok, t5_tok
 
 
-def make_text_encoders(clip_tok, t5_tok):
+def make_text_encoders(clip_tok, t5_tok, width: int = TEXT_DIM, clip_layers: int = 2, t5_layers: int = 0, heads: int = 4,
+                       ff_mult: int = 4, clip_length: int = CLIP_MAX_LENGTH):
+    """The base's CLIP-L and T5 slots at toy size (the defaults are the shipped base's: a zero-layer T5)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tok),
-            hidden_size=TEXT_DIM,
-            intermediate_size=4 * TEXT_DIM,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH,
+            hidden_size=width,
+            intermediate_size=ff_mult * width,
+            num_hidden_layers=clip_layers,
+            num_attention_heads=heads,
+            max_position_embeddings=clip_length,
             bos_token_id=clip_tok.bos_token_id,
             eos_token_id=clip_tok.eos_token_id,
             pad_token_id=clip_tok.pad_token_id,
-            projection_dim=TEXT_DIM,
+            projection_dim=width,
         )
     )
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tok),
-            d_model=TEXT_DIM,
+            d_model=width,
             d_kv=16,
-            d_ff=4 * TEXT_DIM,
-            num_layers=0,
-            num_heads=4,
+            d_ff=ff_mult * width,
+            num_layers=t5_layers,
+            num_heads=heads,
             pad_token_id=t5_tok.pad_token_id,
             eos_token_id=t5_tok.eos_token_id,
             decoder_start_token_id=t5_tok.pad_token_id,

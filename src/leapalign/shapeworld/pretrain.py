@@ -123,6 +123,16 @@ def adamw_cosine(params, lr: float, steps: int, warm: int):
 
 
 @torch.no_grad()
+def optimiser_step(loss, opt, sched, params, ema, modules, step: int, ema_decay: float) -> None:
+    """Backward, clip to norm 1, AdamW and schedule step, then the EMA of `modules`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema_update(ema, modules, step, ema_decay)
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
     """EMA with a short warm-up of the decay, (step + 1) / (step + 10)."""
     d = min(decay, (step + 1) / (step + 10))
@@ -162,12 +172,7 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
         x0, pidx, noise, sigma, xt = data.noised_batch(batch, gen)
         v = backbone.velocity(xt, sigma, data.conditioning(pipe, backbone, pidx))
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, modules, step, ema_decay)
+        optimiser_step(loss, opt, sched, params, ema, modules, step, ema_decay)
         run_loss += loss.item()
         if (step + 1) % 100 == 0 or step == steps - 1:
             log(f"flux step {step + 1}/{steps} loss {run_loss / 100:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
@@ -247,12 +252,7 @@ def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, l
             target = v_u + w * (v_c - v_u)
         student_bb.guidance_scale = g
         loss = F.mse_loss(student_bb.velocity(xt, sigma, cond.index(slice(0, batch))), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, student, step, ema_decay)
+        optimiser_step(loss, opt, sched, params, ema, student, step, ema_decay)
         run_loss += loss.item()
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step == steps - 1:

@@ -242,7 +242,7 @@ def generated_pool(path: Path, per_tag: int, seeds_per_prompt: int, seed: int, l
     return pool
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=3500)
@@ -266,7 +266,93 @@ def main(argv=None) -> None:
     ap.add_argument("--gen-lora", type=Path, default=None, help="also sample this LoRA policy (a demo run against an earlier ShapeScore)")
     ap.add_argument("--gen-lora-per-tag", type=int, default=800)
     ap.add_argument("--gen-lora-pool", type=Path, default=Path("shapescore_generated_lora.pt"))
-    args = ap.parse_args(argv)
+    ap.add_argument("--check", type=int, default=2000, help="scenes of the final ranking-accuracy check")
+    return ap.parse_args(argv)
+
+
+def load_pool(args) -> dict | None:
+    """The judged base (and LoRA) samples with their indices: passing / failing samples per prompt, prompts with a
+    failing sample per tag."""
+    if args.gen_per_tag <= 0:
+        return None
+    pool = generated_pool(args.gen_pool, args.gen_per_tag, 8, args.seed)
+    if args.gen_lora is not None:
+        extra = generated_pool(args.gen_lora_pool, args.gen_lora_per_tag, 8, args.seed, lora=args.gen_lora)
+        pool = {"images": torch.cat([pool["images"], extra["images"]]), "passed": torch.cat([pool["passed"], extra["passed"]]),
+                "prompts": pool["prompts"] + extra["prompts"], "tags": pool["tags"] + extra["tags"]}
+    pool["pass"], pool["fail"], pool["by_tag"] = {}, {}, {}  # by_tag: samples whose prompt has at least one failing sample
+    for i, (p, ok) in enumerate(zip(pool["prompts"], pool["passed"].tolist())):
+        (pool["pass"] if ok else pool["fail"]).setdefault(p, []).append(i)
+    for i, (p, t) in enumerate(zip(pool["prompts"], pool["tags"])):
+        if p in pool["fail"]:
+            pool["by_tag"].setdefault(t, []).append(i)
+    pool["tags_with_fails"] = [t for t in world.TAGS if pool["by_tag"].get(t)]
+    return pool
+
+
+def generated_batch(pool: dict | None, size: int, rng: random.Random):
+    """Prompts of generated samples, each with up to two failing samples and a positive (a passing sample or a
+    render): (captions, positives, failing indices, which positives are passing samples)."""
+    gen_caps, gen_pos, gen_fails, pass_items = [], [], [], []
+    if pool is None:
+        return gen_caps, gen_pos, gen_fails, pass_items
+    for _ in range(size):
+        i = rng.choice(pool["by_tag"][rng.choice(pool["tags_with_fails"])])
+        p = pool["prompts"][i]
+        fails, passes = pool["fail"].get(p, []), pool["pass"].get(p, [])
+        if not fails:
+            continue
+        gen_caps.append(p)
+        gen_fails.append(rng.sample(fails, min(2, len(fails))))
+        if passes and rng.random() < 0.5:
+            gen_pos.append(pool["images"][rng.choice(passes)].float() / 255)
+            pass_items.append(len(gen_caps) - 1)
+        else:
+            gen_pos.append(torch.from_numpy(world.render(p, rng.randrange(2**31))).permute(2, 0, 1))
+    return gen_caps, gen_pos, gen_fails, pass_items
+
+
+def generated_losses(t, v, scale, offsets, gen_fails, pass_items, gen_negs) -> dict:
+    """The prompt ranks its positive above its failing generated samples (ShapeEval's verdicts); a passing generated
+    sample ranks its prompt above the prompt's hard-negative captions."""
+    G, (off_t, off_v) = len(gen_fails), offsets
+    tg, vpos, vfail = t[off_t : off_t + G], v[off_v : off_v + G], v[off_v + G :]
+    gl, k = [], 0
+    for i in range(G):
+        nf = len(gen_fails[i])
+        row = scale * torch.cat([(tg[i] * vpos[i]).sum()[None], vfail[k : k + nf] @ tg[i]])
+        gl.append(F.cross_entropy(row[None], torch.zeros(1, dtype=torch.long)))
+        k += nf
+    out = {"gen": torch.stack(gl).mean()}
+    if pass_items:
+        tn, pl, k = t[off_t + G :], [], 0
+        for i, ns in zip(pass_items, gen_negs):
+            row = scale * torch.cat([(tg[i] * vpos[i]).sum()[None], tn[k : k + len(ns)] @ vpos[i]])
+            pl.append(F.cross_entropy(row[None], torch.zeros(1, dtype=torch.long)))
+            k += len(ns)
+        out["pass"] = torch.stack(pl).mean()
+    return out
+
+
+def save_reward(model, tok, out: Path, check: int) -> None:
+    """The CLIP folder (weights, tokenizer, preprocessor config) and its ranking accuracy beside it."""
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
+         "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_resize": True, "do_center_crop": True,
+         "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3}, indent=2))
+    final = ClipReward.from_pretrained(out)
+    acc = ranking_accuracy(final, check, seed=12345)
+    acc["robust_eps0.03"] = robust_accuracy(final, max(1, check // 4), seed=12345)
+    print("ranking accuracy vs hard negatives:", json.dumps(acc), flush=True)
+    (out.parent / f"{out.name}_accuracy.json").write_text(json.dumps(acc, indent=2))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tok, _ = components.make_tokenizers()
@@ -276,21 +362,7 @@ def main(argv=None) -> None:
         model = CLIPModel.from_pretrained(args.init).train()
     else:
         model = make_model(tok, args.position_init).train()
-    pool = generated_pool(args.gen_pool, args.gen_per_tag, 8, args.seed) if args.gen_per_tag > 0 else None
-    if pool is not None and args.gen_lora is not None:
-        extra = generated_pool(args.gen_lora_pool, args.gen_lora_per_tag, 8, args.seed, lora=args.gen_lora)
-        pool = {"images": torch.cat([pool["images"], extra["images"]]), "passed": torch.cat([pool["passed"], extra["passed"]]),
-                "prompts": pool["prompts"] + extra["prompts"], "tags": pool["tags"] + extra["tags"]}
-    if pool is not None:
-        gen_pass: dict[str, list[int]] = {}
-        gen_fail: dict[str, list[int]] = {}
-        gen_by_tag: dict[str, list[int]] = {}  # samples whose prompt has at least one failing sample
-        for i, (p, ok) in enumerate(zip(pool["prompts"], pool["passed"].tolist())):
-            (gen_pass if ok else gen_fail).setdefault(p, []).append(i)
-        for i, (p, t) in enumerate(zip(pool["prompts"], pool["tags"])):
-            if p in gen_fail:
-                gen_by_tag.setdefault(t, []).append(i)
-        gen_tags = [t for t in world.TAGS if gen_by_tag.get(t)]
+    pool = load_pool(args)
     tag_weights = {**TAG_WEIGHTS, "position": args.position_weight}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
@@ -305,24 +377,7 @@ def main(argv=None) -> None:
             negs.append(hard_negatives(cap, rng))
             neg_imgs.append(negative_images(cap, objs, negs[-1], args.image_negs, rng) if args.image_negs > 0 else [])
         B = len(caps)
-        # generated samples: a prompt, up to two failing samples of it, and a positive (a passing sample or a render)
-        gen_caps, gen_pos, gen_fails, pass_items = [], [], [], []
-        if pool is not None:
-            for _ in range(args.gen_batch):
-                i = rng.choice(gen_by_tag[rng.choice(gen_tags)])
-                p = pool["prompts"][i]
-                fails = gen_fail.get(p, [])
-                passes = gen_pass.get(p, [])
-                if not fails:
-                    continue
-                gen_caps.append(p)
-                gen_fails.append(rng.sample(fails, min(2, len(fails))))
-                if passes and rng.random() < 0.5:
-                    j = rng.choice(passes)
-                    gen_pos.append(pool["images"][j].float() / 255)
-                    pass_items.append(len(gen_caps) - 1)
-                else:
-                    gen_pos.append(torch.from_numpy(world.render(p, rng.randrange(2**31))).permute(2, 0, 1))
+        gen_caps, gen_pos, gen_fails, pass_items = generated_batch(pool, args.gen_batch, rng)
         flat_negs = [im for ims in neg_imgs for im in ims]
         x = torch.from_numpy(np.stack(imgs + flat_negs)).permute(0, 3, 1, 2)
         if args.augment > 0:
@@ -330,10 +385,8 @@ def main(argv=None) -> None:
         else:  # small colour jitter and noise so the reward also judges imperfect generations
             x = (x + 0.03 * torch.randn_like(x) + 0.05 * torch.randn(len(x), 3, 1, 1)).clamp(0, 1)
         if gen_caps:
-            fail_idx = [j for fs in gen_fails for j in fs]
-            g = torch.cat([torch.stack(gen_pos), pool["images"][fail_idx].float() / 255])
-            g = augment(g, 0.5 * args.augment) if args.augment > 0 else g
-            x = torch.cat([x, g])
+            g = torch.cat([torch.stack(gen_pos), pool["images"][[j for fs in gen_fails for j in fs]].float() / 255])
+            x = torch.cat([x, augment(g, 0.5 * args.augment) if args.augment > 0 else g])
         gen_negs = [hard_negatives(gen_caps[k], rng) for k in pass_items]
         texts = caps + [n for ns in negs for n in ns] + gen_caps + [n for ns in gen_negs for n in ns]
         ids = tok(texts, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
@@ -360,37 +413,12 @@ def main(argv=None) -> None:
             x = torch.cat([adv, x[n:]])
         v = F.normalize(model.get_image_features(pixel_values=pre(x)).pooler_output, dim=-1)
         loss_i, loss_t = contrastive(v)
-        parts = {"i2t": loss_i.item()}
+        parts = {"i2t": loss_i.item(), "t2i": loss_t.item()}
         loss = loss_i + (loss_t if args.image_negs > 0 else 0.5 * loss_t)
-        parts["t2i"] = loss_t.item()
         if gen_caps:
-            G = len(gen_caps)
-            off_t = B + nb_neg_caps
-            off_v = B + len(flat_negs)
-            tg = t[off_t : off_t + G]
-            vpos = v[off_v : off_v + G]
-            vfail = v[off_v + G :]
-            # the prompt ranks its positive above its failing generated samples (ShapeEval's verdicts)
-            gl, k = [], 0
-            for i in range(G):
-                nf = len(gen_fails[i])
-                row = scale * torch.cat([(tg[i] * vpos[i]).sum()[None], vfail[k : k + nf] @ tg[i]])
-                gl.append(F.cross_entropy(row[None], torch.zeros(1, dtype=torch.long)))
-                k += nf
-            loss_g = torch.stack(gl).mean()
-            loss = loss + loss_g
-            parts["gen"] = loss_g.item()
-            if pass_items:
-                # a passing generated sample ranks its prompt above the prompt's hard-negative captions
-                tn = t[off_t + G :]
-                pl, k = [], 0
-                for i, ns in zip(pass_items, gen_negs):
-                    row = scale * torch.cat([(tg[i] * vpos[i]).sum()[None], tn[k : k + len(ns)] @ vpos[i]])
-                    pl.append(F.cross_entropy(row[None], torch.zeros(1, dtype=torch.long)))
-                    k += len(ns)
-                loss_p = torch.stack(pl).mean()
-                loss = loss + 0.5 * loss_p
-                parts["pass"] = loss_p.item()
+            extra = generated_losses(t, v, scale, (B + nb_neg_caps, B + len(flat_negs)), gen_fails, pass_items, gen_negs)
+            loss = loss + extra["gen"] + 0.5 * extra.get("pass", 0.0)
+            parts.update({k: val.item() for k, val in extra.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -399,19 +427,7 @@ def main(argv=None) -> None:
         if step % 100 == 0 or step == args.steps - 1:
             detail = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
             print(f"reward step {step} loss {loss.item():.4f} ({detail}) scale {scale.item():.1f} {time.time() - t0:.0f}s", flush=True)
-    model.eval()
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tok.save_pretrained(args.out)
-    (args.out / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
-         "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_resize": True, "do_center_crop": True,
-         "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3}, indent=2))
-    final = ClipReward.from_pretrained(args.out)
-    acc = ranking_accuracy(final, 2000, seed=12345)
-    acc["robust_eps0.03"] = robust_accuracy(final, 500, seed=12345)
-    print("ranking accuracy vs hard negatives:", json.dumps(acc), flush=True)
-    (args.out.parent / f"{args.out.name}_accuracy.json").write_text(json.dumps(acc, indent=2))
+    save_reward(model, tok, args.out, args.check)
 
 
 if __name__ == "__main__":
