@@ -68,7 +68,7 @@ def per_sample_coherence(backbone, reward, rows, params, cfg, exact, num_prompts
     for p in picks:
         prompts = [rows[p]["prompt"]] * num_noises
         traj = rollout(backbone, prompts, tc.num_steps, H, W, noise=backbone.initial_noise(num_noises, H, W, noise_gen))
-        _, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale)
+        _, losses, grad, _ = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale)
         for i in range(num_noises):
             only_i = torch.zeros_like(grad)
             only_i[i] = grad[i]
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     def batch():
         prompts = [rows[i]["prompt"] for i in draw_prompts(rows, B, gens["prompts"], tc.balance_tags)]
         traj = rollout(backbone, prompts, N, H, W, noise=backbone.initial_noise(B, H, W, gens["noise"]), keep_velocities=True)
-        _, losses, grad = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale)
+        _, losses, grad, _ = reward_gradient(backbone, reward, traj.sample, prompts, H, W, cfg.reward.lam, cfg.reward.scale)
         return traj, losses, grad
 
     if args.warm:

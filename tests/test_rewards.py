@@ -176,7 +176,7 @@ def test_hpsv2_is_the_plain_cosine_and_differentiable(hps_root, monkeypatch):
     ref = _ref(**HPS_DIMS)
     images = torch.rand(2, 3, 32, 32, requires_grad=True)  # square: pad and crop agree, so the reference can resize
     r = reward(images, PROMPTS)
-    ids = reward.tokenizer(PROMPTS, padding="max_length", max_length=CTX, return_tensors="pt").input_ids
+    ids = reward.fn.tokenizer(PROMPTS, padding="max_length", max_length=CTX, return_tensors="pt").input_ids
     ids = torch.where(torch.cumsum(ids == VOCAB - 1, 1) > 1, 0, ids)  # open_clip pads with 0 after the eot
     with torch.no_grad():
         pix = preprocess(images, 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
@@ -271,7 +271,7 @@ def test_pickscore_is_logit_scale_times_cosine(clip_root):
     reward = load_reward("pickscore", str(clip_root / "pickscore"))
     images = torch.rand(2, 3, 40, 24)
     model = CLIPModel.from_pretrained(clip_root / "pickscore")
-    want = 50.0 * _hand_cos(model, reward.tokenizer, images, PROMPTS)
+    want = 50.0 * _hand_cos(model, reward.fn.tokenizer, images, PROMPTS)
     torch.testing.assert_close(reward(images, PROMPTS), want, atol=1e-4, rtol=1e-5)
 
 
@@ -281,11 +281,11 @@ def test_clipscore_is_hessels_2_5_max_cos_0(clip_root):
     reward = load_reward("clipscore", str(clip_root / "clipscore"))
     images = torch.rand(4, 3, 16, 16)
     prompts = PROMPTS * 2
-    cos = _hand_cos(CLIPModel.from_pretrained(clip_root / "clipscore"), reward.tokenizer, images, prompts)
+    cos = _hand_cos(CLIPModel.from_pretrained(clip_root / "clipscore"), reward.fn.tokenizer, images, prompts)
     r1 = reward(images, prompts)
     torch.testing.assert_close(r1, 2.5 * cos.clamp_min(0), atol=1e-5, rtol=0)
     with torch.no_grad():  # cos -> -cos: every value now lands on the other side of the floor
-        reward.model.text_projection.weight.neg_()
+        reward.fn.model.text_projection.weight.neg_()
     reward.fn._text_cache.clear()
     r2 = reward(images, prompts)
     torch.testing.assert_close(r2, 2.5 * (-cos).clamp_min(0), atol=1e-5, rtol=0)
@@ -387,34 +387,36 @@ def test_weighted_sum_is_exact_and_exposes_each_component(tmp_path):
     for spec in ({f"{f}:red": 1.0, f"{f}:contrast": 0.5}, f"{f}:red=1.0, {f}:contrast=0.5"):
         reward = load_reward(spec)
         assert isinstance(reward.fn, WeightedReward)
-        r = reward(images, prompts)
-        assert torch.equal(r, want)
-        assert list(reward.last_components) == [f"{f}:red", f"{f}:contrast"]
-        assert torch.equal(reward.last_components[f"{f}:contrast"], contrast(images, prompts).detach())
+        r, parts = reward.score(images, prompts)
+        assert torch.equal(r, want) and torch.equal(reward(images, prompts), want)
+        assert list(parts) == [f"{f}:red", f"{f}:contrast"]
+        assert torch.equal(parts[f"{f}:contrast"], contrast(images, prompts).detach())
     r.sum().backward()
     assert images.grad.abs().sum() > 0
-    single = load_reward(f"{f}:red")
-    single(images, prompts)
-    assert list(single.last_components) == [f"{f}:red"]  # one reward logs the same way
+    _, single = load_reward(f"{f}:red").score(images, prompts)
+    assert list(single) == [f"{f}:red"]  # one reward reports itself the same way
+    assert not hasattr(load_reward(f"{f}:red"), "last_components")  # no side channel
 
 
-def test_check_finite_off_reaches_every_part(tmp_path):
-    """The trainer sets check_finite = False after its preflight and skips non-finite steps itself."""
+def test_non_finite_values_are_an_error_unless_the_caller_takes_them(tmp_path):
+    """A reward call refuses NaN; the trainer (and an evaluation) asks for the values and skips or reports them."""
+    from leapalign.rewards import scores
+
     f = _user_rewards(tmp_path)
     (tmp_path / "nan.py").write_text("def nan(images, prompts):\n    return images.mean((1, 2, 3)) * float('nan')\n")
     reward = load_reward(f"{f}:red=1,{tmp_path / 'nan.py'}:nan=0.5")
     images = torch.rand(2, 3, 8, 8)
     with pytest.raises(UserError, match="non-finite"):
         reward(images, ["x", "y"])
-    reward.check_finite = False
-    assert torch.isnan(reward(images, ["x", "y"])).all()
+    values, parts = scores(reward, images, ["x", "y"])
+    assert torch.isnan(values).all() and torch.isnan(parts[f"{tmp_path / 'nan.py'}:nan"]).all()
+    assert torch.isfinite(parts[f"{f}:red"]).all()
 
 
 def test_combination_of_builtins_from_one_root_folder(clip_root):
     reward = load_reward("pickscore=0.25,clipscore=2", str(clip_root))
     images = torch.rand(2, 3, 16, 16)
-    r = reward(images, PROMPTS)
-    c = reward.last_components
+    r, c = reward.score(images, PROMPTS)
     assert torch.equal(r, 0.25 * c["pickscore"] + 2 * c["clipscore"])
     torch.testing.assert_close(c["clipscore"], load_reward("clipscore", str(clip_root / "clipscore"))(images, PROMPTS))
 

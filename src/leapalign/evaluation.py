@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .errors import UserError
+from .rewards import scores
 
 
 # "set:name" prompt sets -> rows(name) [{"prompt", "seed"?, "tag"?}]; plug-ins add theirs (ShapeWorld: shapeworld:train|eval)
@@ -67,7 +68,8 @@ def generate(backbone, prompts: list[str], seeds: list[int], num_steps: int, hei
 @torch.no_grad()
 def reward_values(fn, images: torch.Tensor, prompts: list[str], chunk: int = 256) -> torch.Tensor:
     """(B,) a reward's values on CPU, scored `chunk` images at a time."""
-    return torch.cat([fn(images[j : j + chunk], prompts[j : j + chunk]).detach().float().cpu() for j in range(0, len(prompts), chunk)])
+    return torch.cat([scores(fn, images[j : j + chunk], prompts[j : j + chunk])[0].detach().float().cpu()
+                      for j in range(0, len(prompts), chunk)])
 
 
 @torch.no_grad()

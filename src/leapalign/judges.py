@@ -17,6 +17,7 @@ import torch
 
 from .errors import UserError
 from .evaluation import reward_values
+from .rewards import BUILTIN, load_reward, parse_spec
 
 Checker = Callable[[torch.Tensor, list], dict]
 
@@ -40,8 +41,6 @@ class Judges:
     """The run's judges by name; `__call__` scores images into {name: value or {part: value}}."""
 
     def __init__(self, names: list[str], exclude: str | None = None):
-        from .rewards import BUILTIN, load_reward, parse_spec
-
         self.fns: dict[str, Callable] = {}
         for name in names:
             if name == exclude:

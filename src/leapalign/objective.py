@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from .methods import Method
+from .rewards import scores
 from .rollout import Trajectory
 
 
@@ -45,11 +46,11 @@ class StepResult:
 
 def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], height: int, width: int, lam: float, scale: float,
                     need_grad: bool = True, chunk: int = 0):
-    """Decode the real sample once, score it, and return (rewards, per-sample hinge losses, dLoss_b/dx_N or None).
+    """Decode the real sample once, score it, and return (rewards, per-sample hinge losses, dLoss_b/dx_N or None,
+    the reward's components {name: (B,)}).
 
     `chunk` > 0 decodes and scores that many images at a time (the VAE's activations at full
     resolution are the biggest tensors of a step); a per-image reward gives the same result.
-    The reward's `last_components` then holds the whole batch's values, as without chunks.
     """
     x = sample.detach().requires_grad_(need_grad)
     size = chunk if chunk > 0 else len(prompts)
@@ -57,18 +58,16 @@ def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], 
     for i in range(0, len(prompts), size):
         xi, pi = x[i : i + size], prompts[i : i + size]
         with torch.enable_grad() if need_grad else torch.no_grad():
-            ri = reward(backbone.decode(xi, height, width), pi)
+            ri, components = scores(reward, backbone.decode(xi, height, width), pi)
             if need_grad:
                 (gi,) = torch.autograd.grad(hinge(ri, lam, scale).sum(), x)
                 grads.append(gi)
         rs.append(ri.detach())
-        for name, values in getattr(reward, "last_components", {}).items():
+        for name, values in components.items():
             parts.setdefault(name, []).append(values)
     r = torch.cat(rs)
-    if len(rs) > 1 and parts:
-        reward.last_components = {k: torch.cat(v) for k, v in parts.items()}
     grad = None if not need_grad else (grads[0] if len(grads) == 1 else torch.stack(grads).sum(0))
-    return r, hinge(r, lam, scale), grad
+    return r, hinge(r, lam, scale), grad, {k: torch.cat(v) for k, v in parts.items()}
 
 
 def backward_surrogates(backbone, method, reward, traj, grad, losses, generator, lam: float, scale: float, factor: float = 1.0):
@@ -93,7 +92,7 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
             torch.autograd.backward(s.endpoint, grad_tensors=(grad * coeff).to(s.endpoint.dtype))
             loss += (w * losses).mean().item() * factor
         else:
-            pl = hinge(reward(backbone.decode(s.endpoint, H, W), traj.prompts), lam, scale)
+            pl = hinge(scores(reward, backbone.decode(s.endpoint, H, W), traj.prompts)[0], lam, scale)
             ((w * pl).mean() * factor).backward()
             loss += (w * pl.detach()).mean().item() * factor
     if len(infos) != m:
@@ -134,9 +133,8 @@ def step(backbone, objective: Objective, traj: Trajectory, generators: dict, fac
     ranks run the same model calls.
     """
     o = objective
-    r, losses, grad = reward_gradient(backbone, o.reward, traj.sample, traj.prompts, traj.height, traj.width, o.lam, o.scale,
-                                      need_grad=o.method.reward_on_sample, chunk=o.decode_batch)
-    components = dict(getattr(o.reward, "last_components", {}))  # of this call: unconnected surrogates score again
+    r, losses, grad, components = reward_gradient(backbone, o.reward, traj.sample, traj.prompts, traj.height, traj.width,
+                                                  o.lam, o.scale, need_grad=o.method.reward_on_sample, chunk=o.decode_batch)
     result = StepResult(r, components, active=(losses > 0).float().mean().item())
     if not agree(bool(torch.isfinite(r).all() and (grad is None or torch.isfinite(grad).all()))):
         result.bad = "reward"

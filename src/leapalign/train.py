@@ -266,7 +266,6 @@ class Run:
         with torch.no_grad():  # preflight: the reward accepts what the decoder makes
             probe = self.backbone.decode(self.backbone.initial_noise(2, self.H, self.W, torch.Generator(self.device).manual_seed(0)), self.H, self.W)
             self.reward(probe, [self.train_rows[0]["prompt"]] * 2)
-        self.reward.check_finite = False  # from here on a non-finite reward skips the step (the guard) instead of stopping
         self._setup_trainable()
         self.objective = Objective(self.method, self.reward, cfg.reward.lam, cfg.reward.scale, tc.anchor, self.anchor_base, tc.decode_batch)
         self.gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(self.device).manual_seed(tc.seed + 1),

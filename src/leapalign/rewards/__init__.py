@@ -3,7 +3,7 @@
 `reward.fn` names one: a built-in (see BUILTIN), "package.module:callable", or
 "path/to/file.py:callable".  A class is instantiated with no arguments.
 A weighted sum of several is a dict {"hpsv2.1": 1.0, "pickscore": 0.5} or the string
-"hpsv2.1=1.0,pickscore=0.5"; its `last_components` holds each one's values of the last call.
+"hpsv2.1=1.0,pickscore=0.5"; `score` returns its value and each part's values.
 Where the built-ins' weights live: builtin.py and docs/rewards.md.
 """
 from __future__ import annotations
@@ -90,59 +90,27 @@ def _import_callable(spec: str):
 
 
 class CheckedReward:
-    """Wraps a reward so a wrong shape or a non-finite value is a clear error, not a silent NaN.
-
-    `last_components`: {name: values of the last call} ({component: values} for a weighted sum), for logging.
-    `check_finite = False` lets non-finite values through (the trainer skips such a step itself).
-    Other attributes are the wrapped reward's.
-    """
+    """A reward whose every call is checked: a wrong shape is one clear error, and so is a non-finite value unless
+    the caller takes it (`score(..., check_finite=False)`: the trainer skips such a step itself)."""
 
     def __init__(self, fn: RewardFn, name: str):
         self.fn, self.name = fn, name
-        self._last: torch.Tensor | None = None
-        self._check_finite = True
 
-    @property
-    def check_finite(self) -> bool:
-        return self._check_finite
-
-    @check_finite.setter
-    def check_finite(self, value: bool) -> None:
-        self._check_finite = value
-        if isinstance(self.fn, WeightedReward):  # the parts check themselves too
-            for _, part in self.fn.parts.values():
-                if isinstance(part, CheckedReward):
-                    part.check_finite = value
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        out = self.fn(images, prompts)
+    def score(self, images: torch.Tensor, prompts: list[str], check_finite: bool = True) -> tuple[torch.Tensor, dict]:
+        """(values (B,), {name: values (B,)}): the components a weighted sum adds up (unweighted, detached), or this one."""
+        if isinstance(self.fn, WeightedReward):
+            out, parts = self.fn.score(images, prompts, check_finite)
+        else:
+            out, parts = self.fn(images, prompts), None
         if not isinstance(out, torch.Tensor) or out.shape != (len(prompts),):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UserError(f"reward {self.name} returned {shape}; a reward must return a tensor of shape ({len(prompts)},), one value per image")
-        if self._check_finite and not torch.isfinite(out).all():
+        if check_finite and not torch.isfinite(out).all():
             raise UserError(f"reward {self.name} returned non-finite values {out.detach().cpu().tolist()}")
-        self._last = out.detach()
-        return out
+        return out, parts if parts is not None else {self.name: out.detach()}
 
-    @property
-    def last_components(self) -> dict[str, torch.Tensor]:
-        inner = getattr(self.fn, "last_components", None)
-        if inner is not None:
-            return inner
-        return {} if self._last is None else {self.name: self._last}
-
-    @last_components.setter
-    def last_components(self, values: dict[str, torch.Tensor]) -> None:
-        """Set by a caller that scored a batch in chunks, so the values cover the whole batch."""
-        if hasattr(self.fn, "last_components"):
-            self.fn.last_components = values
-        elif values:
-            self._last = next(iter(values.values()))
-
-    def __getattr__(self, attr):
-        if attr in ("fn", "_check_finite", "__setstate__"):  # not set yet (unpickling): no recursion
-            raise AttributeError(attr)
-        return getattr(self.fn, attr)
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.score(images, prompts)[0]
 
     def to(self, device):
         if hasattr(self.fn, "to"):
@@ -151,27 +119,35 @@ class CheckedReward:
 
 
 class WeightedReward:
-    """sum_i w_i * r_i(images, prompts), differentiable; `last_components` = {name: r_i of the last call}, detached, unweighted."""
+    """sum_i w_i * r_i(images, prompts), differentiable; `score` also returns each r_i (detached, unweighted)."""
 
-    def __init__(self, parts: dict[str, tuple[float, RewardFn]]):
+    def __init__(self, parts: dict[str, tuple[float, CheckedReward]]):
         self.parts = parts
         self.weights = {name: w for name, (w, _) in parts.items()}
-        self.last_components: dict[str, torch.Tensor] = {}
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def score(self, images: torch.Tensor, prompts: list[str], check_finite: bool = True) -> tuple[torch.Tensor, dict]:
         total, comps = None, {}
         for name, (w, fn) in self.parts.items():
-            r = fn(images, prompts)
+            r, _ = fn.score(images, prompts, check_finite)
             comps[name] = r.detach()
             total = w * r if total is None else total + w * r
-        self.last_components = comps
-        return total
+        return total, comps
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.score(images, prompts)[0]
 
     def to(self, device):
         for _, fn in self.parts.values():
-            if hasattr(fn, "to"):
-                fn.to(device)
+            fn.to(device)
         return self
+
+
+def scores(reward, images: torch.Tensor, prompts: list[str], check_finite: bool = False) -> tuple[torch.Tensor, dict]:
+    """(values, components) of a loaded reward, or of any plain callable (no components); non-finite values pass
+    unless asked: the trainer skips a non-finite step and an evaluation reports NaN."""
+    if hasattr(reward, "score"):
+        return reward.score(images, prompts, check_finite)
+    return reward(images, prompts), {}
 
 
 def parse_spec(spec) -> dict[str, float] | None:
