@@ -361,3 +361,21 @@ def test_every_method_runs_in_bf16(tiny_flux_pipe_bf16):
         g, infos = bf.library(build_method({"name": name}))
         assert infos and all(bool(torch.isfinite(t).all()) for t in g), name
         assert any(float(t.abs().max()) > 0 for t in g), name
+
+
+def test_a_method_yielding_more_surrogates_than_it_declares_stops_before_their_gradient(s):
+    """The check runs before the extra surrogate's backward: .grad holds only what the declared ones gave."""
+
+    class TooMany(Fixed):
+        @property
+        def surrogates_per_rollout(self):
+            return 1
+
+    one = lambda bb, tr: refl_surrogate(bb, tr, 4)  # noqa: E731
+    g_one, _ = s.library(Fixed(one))
+    s.grads()
+    with pytest.raises(RuntimeError, match="more surrogates"):
+        s.library(TooMany(one, one))
+    got = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in s.bb.transformer.parameters()]
+    assert_grads_close(got, g_one)
+    s.grads()

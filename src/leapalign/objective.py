@@ -84,6 +84,8 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
     loss, infos = 0.0, []
     for s in method.surrogates(backbone, traj, generator):
         infos.append(s.info)
+        if len(infos) > m:  # before its backward: a miscounted method must not leave wrong gradients behind
+            raise RuntimeError(f"{method.name} yielded more surrogates than its surrogates_per_rollout = {m}")
         w = s.weight.float()  # the similarity weight keeps float32 whatever the model dtype
         if s.connected:
             if grad is None:
