@@ -181,17 +181,11 @@ def match_names(path: Path, saved: dict, names: list[str], params) -> list[str]:
             raise UserError(f"checkpoint {path} {what} ({len(missing)} missing, {len(extra)} extra); "
                             "was it made with another finetune/LoRA setting (train.finetune, train.lora_rank, train.lora_targets)?")
         keys = list(names)
-    for key, p in zip(keys, params):
-        if tuple(saved[key].shape) != tuple(_full_shape(p)):
-            raise UserError(f"checkpoint {path}: {key} has shape {tuple(saved[key].shape)}, this run's has {tuple(_full_shape(p))}; "
+    for key, p in zip(keys, params):  # a sharded parameter (DTensor) reports its whole shape: nothing to gather
+        if tuple(saved[key].shape) != tuple(p.shape):
+            raise UserError(f"checkpoint {path}: {key} has shape {tuple(saved[key].shape)}, this run's has {tuple(p.shape)}; "
                             "was it made with another train.lora_rank or model?")
     return keys
-
-
-def _full_shape(p):
-    from .distributed import full, is_sharded
-
-    return p.shape if not is_sharded(p) else full(p.detach()).shape
 
 
 def load(path: Path, params, optimizer, ema, generators: dict, names: list[str] | None = None) -> int:

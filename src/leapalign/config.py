@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,8 +179,6 @@ def build(data: dict) -> Config:
         hints = typing.get_type_hints(type(obj))
         for key, value in values.items():
             if f"{section}.{key}" in REMOVED:
-                import warnings
-
                 warnings.warn(REMOVED[f"{section}.{key}"])
                 continue
             if key not in fields:
@@ -207,16 +206,20 @@ def resolve(cfg: Config) -> Config:
 
 
 DEFAULT_LR = {"full": 1e-5, "lora": 1e-4}  # the paper's full fine-tuning lr; LoRA's common one (diffusers' FLUX examples)
-# the keys that say which world a run is in, with ShapeWorld's values: a run on another model lists those it kept
-WORLD_DEFAULTS = {"model.height": 32, "model.width": 32, "train.prompts": "shapeworld:train", "eval.prompts": "shapeworld:eval",
-                  "reward.fn": "shapematch"}
+# the keys whose defaults are ShapeWorld's (the world a run is in): a run on another model lists those it kept
+WORLD_KEYS = ("model.height", "model.width", "train.prompts", "eval.prompts", "reward.fn")
+
+
+def _value(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
 
 
 def world_notes(cfg: Config) -> list[str]:
     """First lines for a run on a model other than ShapeWorld: ShapeWorld's values it kept, and an anchor the paper lacks."""
-    if cfg.model.path == "shapeworld":
+    if cfg.model.path == Config().model.path:
         return []
-    kept = [f"{k}={v}" for k, v in WORLD_DEFAULTS.items() if getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == v]
+    kept = [f"{k}={_value(cfg, k)}" for k in WORLD_KEYS if _value(cfg, k) == _value(Config(), k)]
     notes = [f"note: {', '.join(kept)} are ShapeWorld's values, not this model's; set them for {cfg.model.path}"] if kept else []
     if cfg.train.anchor > 0:
         notes.append(f"note: train.anchor = {cfg.train.anchor:g} adds a velocity anchor to the base, which the LeapAlign paper "

@@ -25,7 +25,7 @@ class RunLog:
     """metrics.jsonl, evaluations.jsonl and tensorboard; only the main process writes (the others log to nowhere)."""
 
     def __init__(self, out: Path, start: int, main: bool, tensorboard: bool):
-        self.out, self.main = out, main
+        self.main = main
         self.metrics = read_jsonl(out / "metrics.jsonl", start) if start else []
         # a resumed run keeps the evaluations up to its checkpoint, not the final one of the run it continues
         self.evals = [e for e in read_jsonl(out / "evaluations.jsonl", start) if not e.get("final")] if start else []

@@ -335,12 +335,8 @@ class Run:
             save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], self.out / "samples" / f"{tag}.png", title=title)
         return res
 
-    def judge(self, step_done: int, res: dict, final: bool = False, replay: bool = False) -> bool:
-        """Log an evaluation, keep the best weights (eval.stop_on_hack) and watch for hacking; True = stop the run.
-        `replay`: an evaluation of the run before it resumed, fed to the watch only."""
-        if replay:
-            self.watch.update(step_done, res, final)
-            return False
+    def judge(self, step_done: int, res: dict, final: bool = False) -> bool:
+        """Log an evaluation, keep the best weights (eval.stop_on_hack) and watch for hacking; True = stop the run."""
         self.log.evaluation(step_done, res, final)
         first = next(iter(res.get("judges", {}).values()), None)
         if self.cfg.eval.stop_on_hack and first is not None and (self.best["value"] is None or headline(first) > self.best["value"]):
@@ -366,8 +362,8 @@ class Run:
             self.judge(0, before)
         else:
             before = json.loads((self.out / "summary_before.json").read_text())
-            for e in self.log.evals or [{"step": 0, **before}]:
-                self.judge(e["step"], {k: v for k, v in e.items() if k != "step"}, replay=True)
+            for e in self.log.evals or [{"step": 0, **before}]:  # the watch continues from the run's evaluations so far
+                self.watch.update(e["step"], {k: v for k, v in e.items() if k != "step"})
         if self.main:
             write_json(self.out / "summary_before.json", before)
         self.accelerator.wait_for_everyone()

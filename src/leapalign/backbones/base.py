@@ -48,10 +48,11 @@ class Backbone:
     # real CFG only: in a step that carries gradient, the unconditional branch runs apart and without gradient
     # (half the activation memory); the rollout keeps the pipeline's one doubled batch.  model.detach_uncond.
     detach_uncond = False
+    do_cfg = False  # real classifier-free guidance (an adapter with CFG says when, as its pipeline does)
 
     @property
     def split_uncond(self) -> bool:
-        return bool(getattr(self, "do_cfg", False)) and self.detach_uncond and torch.is_grad_enabled()
+        return self.do_cfg and self.detach_uncond and torch.is_grad_enabled()
 
     def __init__(self, pipe, guidance_scale: float, max_sequence_length: int | None = None):
         """The parts every adapter keeps; the text encoders and the VAE stay frozen in `pipe`."""

@@ -19,6 +19,7 @@ from .. import schedule
 from ..backbones.base import Backbone
 from ..rollout import Trajectory
 from .base import Method, Surrogate, check_steps
+from .refl import predict_sample
 
 
 def chain_surrogate(backbone: Backbone, traj: Trajectory, num: int, checkpointing: bool = False) -> Surrogate:
@@ -41,10 +42,9 @@ def renoise(x_n: torch.Tensor, s: torch.Tensor, generator: torch.Generator) -> t
 
 
 def lv_surrogate(backbone: Backbone, traj: Trajectory, x_noisy: torch.Tensor) -> Surrogate:
-    """One re-noised draw, scored itself; its prediction in float32 as the reference's."""
+    """One re-noised draw (already without gradient to the sample), scored itself; its prediction in float32."""
     i = traj.num_steps - 1
-    s = traj.sigmas
-    x0hat = x_noisy.float() + (s[-1] - s[i]) * backbone.velocity(x_noisy, s[i], traj.cond).float()
+    x0hat = predict_sample(backbone, traj, x_noisy, i)
     return Surrogate(x0hat, torch.ones(x0hat.shape[0], device=x0hat.device), False, {"k": i})
 
 
