@@ -91,6 +91,22 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_trained_model(trained)
     assert abs(r - summary["before"]["reward"]) > 1e-3  # the LoRA is not a no-op
 
 
+def test_eval_cli_on_the_saved_lora_gives_the_trainers_after_numbers(trained, tmp_path):
+    """`leapalign eval --lora` and the trainer's held-out evaluation are one Evaluator: same rows, seeds and scores."""
+    import subprocess
+    import sys
+
+    summary, out = trained
+    res = tmp_path / "after.json"
+    proc = subprocess.run([sys.executable, "-m", "leapalign", "eval", "--lora", str(out / "lora"), "--prompts",
+                           str(out.parent / "eval_prompts.txt"), "--num-steps", "8", "--rewards", "shapescore",
+                           "--judges", "shapeeval", "--output", str(res)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(res.read_text())
+    assert data["scores"]["shapescore"] == pytest.approx(summary["after"]["reward"], abs=1e-5)
+    assert data["judges"]["shapeeval"] == pytest.approx(summary["after"]["judges"]["shapeeval"], abs=1e-6)
+
+
 def test_resume_continues_the_same_run(tmp_path):
     """Same prompts, noise, (k, j) and optimiser state after resuming, bit for bit (ShapeScore, anchor on)."""
     common = ("train.steps=4", "train.save_every=2", "method.pairs_per_rollout=2", "eval.num_images=2")

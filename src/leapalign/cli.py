@@ -100,7 +100,7 @@ def _eval(args) -> None:
 
     from .backbones import load_backbone
     from .config import ModelConfig
-    from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
+    from .evaluation import Evaluator, load_prompt_rows, write_json
     from .judges import Judges, default_judges, headline
     from .rewards import load_reward
 
@@ -122,19 +122,16 @@ def _eval(args) -> None:
             raise UserError(f"could not load the LoRA at {args.lora}: {str(e).splitlines()[0]}") from None
     for fn in rewards.values():
         fn.to(backbone.device)
-    judges.to(backbone.device)
-    res, images = evaluate_model(backbone, rewards or None, rows, args.num_steps, mc.height, mc.width, args.batch_size, args.num_images,
-                                 progress=True, judges=judges)
-    rows = spread(rows, args.num_images) if args.num_images else rows
-    prompts = [r["prompt"] for r in rows]
+    evaluator = Evaluator(rows, args.num_steps, mc.height, mc.width, args.batch_size, args.num_images, rewards or None,
+                          judges.to(backbone.device))
+    res, images = evaluator(backbone, progress=True)
     per_image = res.pop("per_image", {})
     res["per_prompt"] = [{"prompt": r["prompt"], "seed": r["seed"], **{name: v[i] for name, v in per_image.items()}}
-                         for i, r in enumerate(rows)]
+                         for i, r in enumerate(evaluator.rows)]
     res.pop("rewards", None)
     res.pop("reward", None)
     write_json(out, res)
-    pick = spread(list(range(len(images))), 24)
-    save_grid(images[pick], [prompts[i] for i in pick], out.with_suffix(".png"), title=str(args.model or "shapeworld base") + (f" + {args.lora}" if args.lora else ""))
+    evaluator.save_grid(images, out.with_suffix(".png"), title=str(args.model or "shapeworld base") + (f" + {args.lora}" if args.lora else ""))
     means = " ".join(f"{k} {v:.4f}" for k, v in {**res.get("scores", {}), **{n: headline(v) for n, v in res.get("judges", {}).items()}}.items())
     print(f"wrote {out}: {means}")
 

@@ -100,12 +100,30 @@ def spread(items: list, n: int) -> list:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
-def evaluate_model(backbone, reward, rows: list[dict], num_steps: int, height: int, width: int, batch_size: int = 96,
-                   num_images: int = 0, progress: bool = False, judges=None) -> tuple[dict, torch.Tensor]:
-    rows = spread(rows, num_images) if num_images else rows
-    prompts = [r["prompt"] for r in rows]
-    images = generate(backbone, prompts, [r["seed"] for r in rows], num_steps, height, width, batch_size, progress)
-    return score(images, prompts, reward, judges), images
+class Evaluator:
+    """Held-out sampling and scoring, one object for the trainer (before, every `eval.every` steps, after) and
+    `leapalign eval`: the same rows, seeds, sampler and scores, so their numbers are comparable.
+
+    `reward` is one reward (the run's own: "reward") or a dict {name: reward} ("scores"); `judges` a `judges.Judges`.
+    """
+
+    def __init__(self, rows: list[dict], num_steps: int, height: int, width: int, batch_size: int = 96, num_images: int = 0,
+                 reward=None, judges=None, grid_size: int = 24):
+        self.rows = spread(rows, num_images) if num_images else list(rows)
+        self.prompts = [r["prompt"] for r in self.rows]
+        self.num_steps, self.height, self.width, self.batch_size = num_steps, height, width, batch_size
+        self.reward, self.judges, self.grid_size = reward, judges, grid_size
+
+    def __call__(self, backbone, progress: bool = False) -> tuple[dict, torch.Tensor]:
+        """(scores, images): every row sampled from its own seed with the pipeline's sampler, then scored."""
+        images = generate(backbone, self.prompts, [r["seed"] for r in self.rows], self.num_steps, self.height, self.width,
+                          self.batch_size, progress)
+        return score(images, self.prompts, self.reward, self.judges), images
+
+    def save_grid(self, images: torch.Tensor, path: Path, title: str = "") -> None:
+        """`grid_size` of the images, evenly over the prompt set (every tag gets its share), with their prompts."""
+        pick = spread(list(range(len(images))), self.grid_size)
+        save_grid(images[pick], [self.prompts[i] for i in pick], path, title=title)
 
 
 def save_grid(images: torch.Tensor, prompts: list[str], path: Path, title: str = "", cols: int = 6) -> None:

@@ -17,7 +17,7 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from .backbones import check_model_path, load_backbone
 from .errors import UserError
-from .evaluation import evaluate_model, load_prompt_rows, save_grid, spread, write_json
+from .evaluation import Evaluator, load_prompt_rows, write_json
 from .judges import HackWatch, Judges, default_judges, headline
 from .methods import build_method
 from .objective import Objective, step as objective_step
@@ -260,9 +260,11 @@ class Run:
         if tc.text_cache == "cpu":
             self.backbone.offload_text()
         self.reward = load_reward(cfg.reward.fn, cfg.reward.path).to(self.device)
-        self.judges = Judges(ec.judges if ec.judges is not None else default_judges(ec.prompts), exclude=self.reward.name).to(self.device)
-        self.train_rows, self.eval_rows = load_prompt_rows(tc.prompts), load_prompt_rows(ec.prompts)
+        judges = Judges(ec.judges if ec.judges is not None else default_judges(ec.prompts), exclude=self.reward.name).to(self.device)
+        self.train_rows = load_prompt_rows(tc.prompts)
         self.H, self.W = cfg.model.height, cfg.model.width
+        self.evaluator = Evaluator(load_prompt_rows(ec.prompts), ec.num_steps, self.H, self.W, ec.batch_size, ec.num_images,
+                                   self.reward, judges, ec.grid_size)
         with torch.no_grad():  # preflight: the reward accepts what the decoder makes
             probe = self.backbone.decode(self.backbone.initial_noise(2, self.H, self.W, torch.Generator(self.device).manual_seed(0)), self.H, self.W)
             self.reward(probe, [self.train_rows[0]["prompt"]] * 2)
@@ -317,10 +319,8 @@ class Run:
 
     def evaluate(self, tag: str) -> dict:
         """Every rank samples (a sharded model needs all of them) and scores, with the EMA weights; the main one writes the grid."""
-        ec = self.cfg.eval
         self.swap_ema()
-        res, imgs = evaluate_model(self.backbone, self.reward, self.eval_rows, ec.num_steps, self.H, self.W, ec.batch_size,
-                                   ec.num_images, judges=self.judges)
+        res, imgs = self.evaluator(self.backbone)
         if self.sharded:
             from .distributed import reshard
 
@@ -328,11 +328,9 @@ class Run:
         self.swap_ema()
         res = {k: v for k, v in res.items() if k not in ("rewards", "per_image")}
         if self.main:
-            evaluated = spread(self.eval_rows, ec.num_images) if ec.num_images else self.eval_rows
-            pick = spread(list(range(len(imgs))), ec.grid_size)
             title = ", ".join([f"{tag}: {self.reward.name} {res.get('reward', float('nan')):.3f}"] +
                               [f"{n} {headline(v):.3f}" for n, v in res.get("judges", {}).items()])
-            save_grid(imgs[pick], [evaluated[i]["prompt"] for i in pick], self.out / "samples" / f"{tag}.png", title=title)
+            self.evaluator.save_grid(imgs, self.out / "samples" / f"{tag}.png", title=title)
         return res
 
     def judge(self, step_done: int, res: dict, final: bool = False) -> bool:
