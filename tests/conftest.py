@@ -7,10 +7,14 @@ Two variants:
 
 Both have guidance_embeds=True (the guidance-embedding path is exercised), a VAE with
 non-trivial shift/scaling factors, and a dynamically shifted scheduler.
+
+Also shared: `tiny_run_config` (a training config on a saved tiny pipeline, for end-to-end runs) and
+`ToyReward` / `Setup` (a rollout of a tiny pipeline with a differentiable toy reward, for gradient tests).
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -206,3 +210,101 @@ def assert_grads_close(a, b, rel=1e-5):
 def grads_differ(a, b, rel=1e-3):
     scale = max(float(t.abs().max()) for t in b)
     return max(float((x - y).abs().max()) for x, y in zip(a, b)) > rel * scale
+
+
+DATA = Path(__file__).parent / "data"
+TINY_PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle"]
+
+
+def tiny_run_config(tmp_path, model_dir, name, *overrides, prompts=TINY_PROMPTS, reward="brightness"):
+    """A training config on the tiny pipeline saved at `model_dir` (16x16), rewarded by tests/data/user_rewards.py:`reward`,
+    writing to tmp_path/name.  The settings every tiny end-to-end run shares; a test's `overrides` come last and win."""
+    from leapalign import config
+
+    pfile = tmp_path / f"{name}_prompts.txt"
+    pfile.write_text("\n".join(prompts) + "\n")
+    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:{reward}",
+                              "reward.lam=1.0", f"output.dir={tmp_path / name}", f"train.prompts={pfile}", f"eval.prompts={pfile}",
+                              "train.steps=4", "train.batch_size=2", "train.num_steps=4", "train.lr=1e-2", "eval.num_steps=2",
+                              "eval.grid_size=2", "output.tensorboard=false", *overrides])
+
+
+TOY_SIZE = 16  # H = W of the gradient tests' rollouts
+TOY_STEPS = 6
+TOY_SCALE = 2.0
+
+
+class ToyReward:
+    """Differentiable: mean brightness plus a fixed random linear function of the image, per sample."""
+
+    name = "toy"
+
+    def __init__(self, seed: int = 0):
+        self.R = torch.randn(3, TOY_SIZE, TOY_SIZE, generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, img: torch.Tensor, prompts=None) -> torch.Tensor:
+        return img.mean((1, 2, 3)) + (img * self.R).mean((1, 2, 3))
+
+
+class Setup:
+    """One recorded rollout of a tiny pipeline and a ToyReward whose hinge margin leaves two samples active, one not;
+    helpers for the gradients the library computes and the ones a test writes out by hand."""
+
+    def __init__(self, pipe, prompts, seed=0):
+        from leapalign.backbones.flux import FluxBackbone
+        from leapalign.rollout import rollout
+
+        self.bb = FluxBackbone(pipe)
+        self.traj = rollout(self.bb, prompts, TOY_STEPS, TOY_SIZE, TOY_SIZE, generator=torch.Generator().manual_seed(seed),
+                            keep_velocities=True)
+        self.reward = ToyReward(seed)
+        with torch.no_grad():
+            r = self.reward(self.decode(self.traj.sample))
+        rs = torch.sort(r).values
+        self.lam = float((rs[1] + rs[2]) / 2)
+        self.B = len(prompts)
+
+    def decode(self, x):
+        return self.bb.decode(x, TOY_SIZE, TOY_SIZE)
+
+    def hinge(self, img):
+        """Per-sample hinge loss of images."""
+        return torch.relu(self.lam - self.reward(img)) * TOY_SCALE
+
+    def loss(self, x):
+        """Batch mean of the hinge loss of the decoded latent x."""
+        return self.hinge(self.decode(x)).mean()
+
+    def zero(self):
+        self.bb.transformer.zero_grad(set_to_none=True)
+        self.bb.vae.zero_grad(set_to_none=True)
+
+    def grads(self):
+        """The transformer's gradients (zeros where none), then cleared."""
+        out = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.bb.transformer.parameters()]
+        self.zero()
+        return out
+
+    def reward_grad(self):
+        """G = dL_b/dx_N at the real sample, computed once."""
+        x_n = self.traj.sample.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(self.hinge(self.decode(x_n)).sum(), x_n)
+        return g
+
+    def library(self, method, generator=None):
+        """Gradient (and infos) of `method` as the trainer back-propagates it."""
+        from leapalign.objective import backward_surrogates
+
+        self.grads()
+        x = self.traj.sample.detach().requires_grad_(True)
+        losses = self.hinge(self.decode(x))
+        (g,) = torch.autograd.grad(losses.sum(), x)
+        _, infos = backward_surrogates(self.bb, method, self.reward, self.traj, g, losses.detach(),
+                                       generator or torch.Generator().manual_seed(0), self.lam, TOY_SCALE)
+        return self.grads(), infos
+
+    def reference(self, loss):
+        """Gradient of a loss the test wrote out directly."""
+        self.grads()
+        loss.backward()
+        return self.grads()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,7 @@ from leapalign.rollout import rollout
 from leapalign.objective import anchor_backward
 from leapalign.train import setup_trainable, train
 
-DATA = Path(__file__).parent / "data"
-PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle"]
+PROMPTS = conftest.TINY_PROMPTS
 
 
 def test_anchor_gradient_equals_a_frozen_copy_of_the_base():
@@ -51,12 +49,8 @@ def test_anchor_gradient_equals_a_frozen_copy_of_the_base():
 
 
 def _cfg(tmp_path, model_dir, name, *extra):
-    pfile = tmp_path / "prompts.txt"
-    pfile.write_text("\n".join(PROMPTS) + "\n")
-    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:brightness", "reward.lam=1.0",
-                              f"output.dir={tmp_path / name}", f"train.prompts={pfile}", f"eval.prompts={pfile}", "train.steps=8",
-                              "train.batch_size=4", "train.num_steps=4", "train.lr=3e-2", "eval.num_steps=4", "eval.num_images=4",
-                              "eval.grid_size=4", "output.tensorboard=false", "train.save_every=0", *extra])
+    return conftest.tiny_run_config(tmp_path, model_dir, name, "train.steps=8", "train.batch_size=4", "train.lr=3e-2", "eval.num_steps=4",
+                                    "eval.num_images=4", "eval.grid_size=4", "train.save_every=0", *extra)
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])

@@ -7,7 +7,6 @@ from_pretrained path a user's model folder does.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +21,8 @@ from leapalign.train import train
 import conftest
 import test_backbones_more
 
-DATA = Path(__file__).parent / "data"
-PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle"]
+DATA = conftest.DATA
+PROMPTS = conftest.TINY_PROMPTS
 BUILDERS = {"flux": lambda: conftest._build(merged=False), "sd3": conftest.build_tiny_sd3, "flux2_klein": lambda: test_backbones_more.build_klein(deep=True),
             "qwen_image": test_backbones_more.build_qwen}
 
@@ -48,14 +47,9 @@ def model_dir(request, tmp_path_factory):
 
 
 def _train(tmp_path, model_dir, *overrides):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    cfg = config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:redness", "reward.lam=1.0",
-                             f"output.dir={tmp_path / 'run'}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
-                             "train.steps=10", "train.batch_size=4", "train.num_steps=4", "train.lr=3e-2", "eval.num_steps=4",
-                             "eval.grid_size=4", "output.tensorboard=false", "train.anchor=0", "train.ema=null", *overrides])
+    cfg = conftest.tiny_run_config(tmp_path, model_dir, "run", "train.steps=10", "train.batch_size=4", "train.lr=3e-2", "eval.num_steps=4",
+                                   "eval.grid_size=4", "train.anchor=0", "train.ema=null", *overrides, reward="redness")
     return train(cfg, progress=False), tmp_path / "run", cfg
-
 
 def _diffusers_reward(pipe, cfg, out_dir):
     """Mean redness of the eval images made by the diffusers pipeline's own call, from the eval seeds' noise."""

@@ -15,17 +15,12 @@ from leapalign import config
 from leapalign.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
 PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle", "a green square"]
 
 
 def _cfg(tmp_path, model_dir, name, batch, *extra):
-    pfile = tmp_path / "prompts.txt"
-    pfile.write_text("\n".join(PROMPTS) + "\n")
-    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:brightness", "reward.lam=1.0",
-                              f"output.dir={tmp_path / name}", f"train.prompts={pfile}", f"eval.prompts={pfile}", "train.steps=3",
-                              f"train.batch_size={batch}", "train.num_steps=4", "train.lr=1e-2", "eval.num_steps=2", "eval.num_images=2",
-                              "eval.grid_size=2", "method.pairs_per_rollout=2", "output.tensorboard=false", *extra])
+    return conftest.tiny_run_config(tmp_path, model_dir, name, "train.steps=3", f"train.batch_size={batch}", "eval.num_images=2",
+                                    "method.pairs_per_rollout=2", *extra, prompts=PROMPTS)
 
 
 @pytest.mark.parametrize("parallel,finetune,reshard", [("ddp", "lora", True), ("fsdp", "lora", True), ("fsdp", "full", True),

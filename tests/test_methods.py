@@ -11,9 +11,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_grads_close, grads_differ
+from conftest import TOY_STEPS as STEPS, Setup, assert_grads_close, grads_differ
 
-from leapalign.backbones.flux import FluxBackbone
 from leapalign.errors import UserError
 from leapalign.methods import REGISTRY, Method, build_method
 from leapalign.methods.alignprop import gaussian_k
@@ -21,59 +20,8 @@ from leapalign.methods.draft import DraftLV, chain_surrogate, lv_surrogate
 from leapalign.methods.drtune import drtune_surrogate, spaced_steps
 from leapalign.methods.flowbp import flowbp_surrogate, late_biased_steps
 from leapalign.methods.refl import refl_surrogate, window_steps
-from leapalign.rollout import rollout
-from leapalign.objective import backward_surrogates
 
 H = W = 16
-STEPS = 6
-SCALE = 2.0
-
-
-class ToyReward:
-    """Differentiable: mean brightness plus a fixed random linear function of the image, per sample."""
-
-    def __init__(self, seed: int = 0):
-        self.R = torch.randn(3, H, W, generator=torch.Generator().manual_seed(seed))
-
-    def __call__(self, img: torch.Tensor, prompts=None) -> torch.Tensor:
-        return img.mean((1, 2, 3)) + (img * self.R).mean((1, 2, 3))
-
-
-class Setup:
-    def __init__(self, pipe, prompts, seed=0):
-        self.bb = FluxBackbone(pipe)
-        self.traj = rollout(self.bb, prompts, STEPS, H, W, generator=torch.Generator().manual_seed(seed), keep_velocities=True)
-        self.reward = ToyReward(seed)
-        with torch.no_grad():
-            r = self.reward(self.bb.decode(self.traj.sample, H, W))
-        rs = torch.sort(r).values
-        self.lam = float((rs[1] + rs[2]) / 2)  # two active hinges, one inactive
-        self.B = len(prompts)
-
-    def loss(self, x):
-        """Batch mean of the hinge loss of the decoded latent x."""
-        return (torch.relu(self.lam - self.reward(self.bb.decode(x, H, W))) * SCALE).mean()
-
-    def grads(self):
-        out = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.bb.transformer.parameters()]
-        self.bb.transformer.zero_grad(set_to_none=True)
-        self.bb.vae.zero_grad(set_to_none=True)
-        return out
-
-    def library(self, method, generator=None):
-        """Gradient (and infos) of `method` as the trainer back-propagates it."""
-        self.grads()
-        x = self.traj.sample.detach().requires_grad_(True)
-        losses = torch.relu(self.lam - self.reward(self.bb.decode(x, H, W))) * SCALE
-        (g,) = torch.autograd.grad(losses.sum(), x)
-        _, infos = backward_surrogates(self.bb, method, self.reward, self.traj, g, losses.detach(),
-                                       generator or torch.Generator().manual_seed(0), self.lam, SCALE)
-        return self.grads(), infos
-
-    def reference(self, loss):
-        self.grads()
-        loss.backward()
-        return self.grads()
 
 
 class Fixed(Method):

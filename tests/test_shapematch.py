@@ -9,7 +9,6 @@ import torch
 from leapalign.rewards import load_reward
 from leapalign.shapeworld import hacks, world
 from leapalign.shapeworld.shapematch import ShapeMatch
-from leapalign.shapeworld.train_reward import hard_negatives
 
 EVAL = world.prompt_rows("eval")
 
