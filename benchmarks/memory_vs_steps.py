@@ -50,8 +50,7 @@ def one_step(method: str, steps: int, model: str, batch: int, height: int, width
     from leapalign.config import ModelConfig
     from leapalign.methods import build_method
     from leapalign.rewards import load_reward
-    from leapalign.rollout import rollout
-    from leapalign.objective import Objective, step
+    from leapalign.objective import Objective, rollout_for, step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, dtype)
@@ -77,8 +76,9 @@ def one_step(method: str, steps: int, model: str, batch: int, height: int, width
         base = rss_mb()
     t0 = time.time()
     gen = torch.Generator(device).manual_seed(0)
-    traj = rollout(backbone, prompts, steps, height, width, generator=gen, keep_velocities=m.needs_velocities)
-    step(backbone, Objective(m, reward, lam=1.0), traj, {"pairs": torch.Generator().manual_seed(0)})
+    pairs = torch.Generator().manual_seed(0)
+    traj = rollout_for(backbone, m, prompts, steps, height, width, backbone.initial_noise(batch, height, width, gen), pairs)
+    step(backbone, Objective(m, reward, lam=1.0), traj, {"pairs": pairs})
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20

@@ -106,3 +106,22 @@ def test_gradient_fidelity_finds_the_exact_gradient_and_tells_a_one_step_surroga
     assert float(rows["draft_k (K=4)"][2].split()[0]) > 0.9999 and float(rows["draft_k (K=4)"][3]) == 1.0
     assert float(rows["refl"][2].split()[0]) < 0.99
     assert "between two noises of one prompt" in out.read_text()
+
+
+def test_step_cost_quick_prints_the_ratios_line(capsys):
+    """The last line scripts read; reusing the rollout's calls makes an iteration cheaper than recomputing them."""
+    step_cost = _import_benchmark("step_cost")
+    x, y = step_cost.main(["--quick"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"ratios: iteration/rollout={x:.3f} pair_gain={y:.3f}"
+    assert 1.0 < x < 3.0 and 1.0 < y < 4.0
+
+
+def test_gpu_run_book_runs_every_configuration_at_a_reduced_size():
+    """The GPU run book's code path (full-size FLUX.1-dev configs there) on a reduced FLUX here, so it cannot rot."""
+    gpu_flux = _import_benchmark("gpu_flux")
+    rows = gpu_flux.main(["--tiny", "--iters", "1"])
+    assert [r["case"] for r in rows] == [c[0] for c in gpu_flux.CASES]
+    assert all("error" not in r and r["seconds"] > 0 for r in rows), rows
+    lora, full = rows[0]["trainable_m"], rows[1]["trainable_m"]
+    assert 0 < lora < full and rows[1]["adamw_fp32_gb"] == pytest.approx(full * 1e6 * 16 / 2**30)

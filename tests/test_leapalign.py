@@ -13,59 +13,12 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import assert_grads_close, grads_differ
+from conftest import PROMPTS, TOY_SCALE as SCALE, TOY_STEPS as STEPS, Setup, assert_grads_close, grads_differ
 
-from leapalign.backbones.flux import FluxBackbone
 from leapalign.methods.leapalign import LeapAlign, leap_surrogate, sample_pairs
-from leapalign.rollout import rollout
 
 H = W = 16
-STEPS = 6
-SCALE = 2.0
 TAU = 1e-3  # the tiny random model leaps accurately (d ~ 0.02), so the paper's 0.1 would clamp every weight
-
-
-class ToyReward:
-    """Differentiable: mean brightness plus a fixed random linear function of the image, per sample."""
-
-    def __init__(self, seed: int = 0):
-        self.R = torch.randn(3, H, W, generator=torch.Generator().manual_seed(seed))
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        return img.mean((1, 2, 3)) + (img * self.R).mean((1, 2, 3))
-
-
-class Setup:
-    def __init__(self, pipe, prompts, seed=0):
-        self.bb = FluxBackbone(pipe)
-        self.traj = rollout(self.bb, prompts, STEPS, H, W, generator=torch.Generator().manual_seed(seed))
-        self.reward = ToyReward(seed)
-        with torch.no_grad():
-            r = self.reward(self.bb.decode(self.traj.sample, H, W))
-        # hinge threshold between the two highest rewards: two samples active, one not
-        rs = torch.sort(r).values
-        self.lam = float((rs[1] + rs[2]) / 2)
-        self.B = len(prompts)
-
-    def hinge(self, img):
-        return torch.relu(self.lam - self.reward(img)) * SCALE
-
-    def zero(self):
-        self.bb.transformer.zero_grad(set_to_none=True)
-        self.bb.vae.zero_grad(set_to_none=True)
-
-    def grads(self):
-        out = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-               for p in self.bb.transformer.parameters()]
-        self.zero()
-        return out
-
-    def reward_grad(self):
-        """G = dL_b/dx_N at the real sample, computed once."""
-        x_n = self.traj.sample.clone().requires_grad_(True)
-        loss = self.hinge(self.bb.decode(x_n, H, W))
-        (g,) = torch.autograd.grad(loss.sum(), x_n)
-        return g
 
 
 def reference_loss(s: Setup, k, j, alpha, tau, weighting, detach_second_input=False):
@@ -94,15 +47,11 @@ def reference_loss(s: Setup, k, j, alpha, tau, weighting, detach_second_input=Fa
 
 @pytest.fixture(scope="module")
 def setup(tiny_flux_pipe):
-    from conftest import PROMPTS
-
     return Setup(tiny_flux_pipe, list(PROMPTS))
 
 
 @pytest.fixture(scope="module")
 def setup_merged(tiny_flux_pipe_merged):
-    from conftest import PROMPTS
-
     return Setup(tiny_flux_pipe_merged, list(PROMPTS), seed=1)
 
 
@@ -356,3 +305,30 @@ def test_leapalign_accepts_boundary_options():
     for a in (0.0, 1.0):
         assert LeapAlign(alpha=a).alpha == a
     LeapAlign(window=(0.0, 1.0), fixed_gap=1, pairs_per_rollout=4, tau=1e-3)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_the_rollouts_own_calls_give_the_surrogates_gradient_with_fewer_forwards(tiny_flux_pipe, alpha):
+    """`rollout_for` keeps the calls the pairs will back-propagate; the surrogates reuse them (through the connected
+    input of the second leap too) and get the gradient of the plain rollout's recomputed calls, with no forward of their own."""
+    from leapalign.objective import rollout_for
+
+    method = LeapAlign(alpha=alpha, tau=TAU, pairs_per_rollout=2)
+    s = Setup(tiny_flux_pipe, list(PROMPTS))
+    calls = []
+    hook = s.bb.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        plain, plain_infos = s.library(method, torch.Generator().manual_seed(7))
+        recomputed = sum(calls)
+        calls.clear()
+        s.traj = rollout_for(s.bb, method, list(PROMPTS), STEPS, 16, 16, s.traj.states[0], torch.Generator().manual_seed(7))
+        kept = sorted(s.traj.graphs)
+        reused, infos = s.library(method, torch.Generator().manual_seed(7))
+    finally:
+        hook.remove()
+    pairs = [(i["k"], i["j"]) for i in infos]
+    assert pairs == [(i["k"], i["j"]) for i in plain_infos] and kept == sorted({t for p in pairs for t in p})
+    assert recomputed == 4 and len(calls) == STEPS + 4 - len(kept)  # the rollout's calls, then only what it did not keep
+    assert s.traj.graphs == {}  # each kept call used once
+    assert_grads_close(reused, plain, rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in reused)

@@ -17,13 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import conftest
-from leapalign import config
 from leapalign import checkpoint as ckpt
 from leapalign import train as train_mod
 from leapalign.errors import UserError
 
-DATA = Path(__file__).parent / "data"
-PROMPTS = ["a red circle", "two blue squares above a green circle", "a small yellow square", "a cyan triangle"]
+DATA = conftest.DATA
+PROMPTS = conftest.TINY_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +32,9 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def _cfg(tmp_path, model_dir, name, *overrides, prompts=PROMPTS, reward="brightness"):
-    pfile = tmp_path / f"{name}_prompts.txt"
-    pfile.write_text("\n".join(prompts) + "\n")
-    return config.load(None, [f"model.path={model_dir}", "model.height=16", "model.width=16", f"reward.fn={DATA / 'user_rewards.py'}:{reward}", "reward.lam=1.0",
-                              f"output.dir={tmp_path / name}", f"train.prompts={pfile}", f"eval.prompts={pfile}", "train.steps=4",
-                              "train.batch_size=2", "train.num_steps=4", "train.lr=1e-2", "train.ema=0.9", "eval.num_steps=2",
-                              "eval.grid_size=2", "method.pairs_per_rollout=2", "output.tensorboard=false", *overrides])
+def _cfg(tmp_path, model_dir, name, *overrides, prompts=conftest.TINY_PROMPTS, reward="brightness"):
+    return conftest.tiny_run_config(tmp_path, model_dir, name, "train.ema=0.9", "method.pairs_per_rollout=2", *overrides,
+                                    prompts=prompts, reward=reward)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -73,7 +68,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tm
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, model_dir, full_run, monkeypatch):
     calls = {"n": 0}
-    real = train_mod.rollout
+    real = train_mod.rollout_for
 
     def interrupt_third_step(*a, **k):
         calls["n"] += 1
@@ -81,12 +76,12 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, model_dir, ful
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "rollout", interrupt_third_step)
+    monkeypatch.setattr(train_mod, "rollout_for", interrupt_third_step)
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(_cfg(tmp_path, model_dir, "cc"), progress=False)
     out = tmp_path / "cc"
     assert (out / "checkpoints" / "latest").read_text() == "step_2"
-    monkeypatch.setattr(train_mod, "rollout", real)
+    monkeypatch.setattr(train_mod, "rollout_for", real)
     train_mod.train(_cfg(tmp_path, model_dir, "cc"), resume="latest", progress=False)
     _assert_same_run(full_run, out)
 

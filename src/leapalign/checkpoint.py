@@ -24,7 +24,7 @@ from .errors import UserError
 # or memory switches that are tested to leave gradients unchanged (checkpoints hold whole tensors, so
 # a run may also resume with another number of processes or parallel mode).
 HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_bad_steps", "train.gradient_checkpointing",
-            "train.decode_batch", "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard",
+            "train.reuse_rollout_calls", "train.decode_batch", "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard",
             "eval.", "output.")
 
 

@@ -1,6 +1,6 @@
 """One training step's gradient over a rollout: the reward gradient once at the real sample, every
 surrogate of the method back-propagated with it, and the velocity anchor.  The trainer and every
-benchmark call `step`; the pieces are public for analyses that need them apart (per-sample gradients).
+benchmark call `rollout_for` and `step`; the pieces are public for analyses that need them apart (per-sample gradients).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from .methods import Method
 from .rewards import scores
-from .rollout import Trajectory
+from .rollout import Trajectory, rollout
 
 
 def hinge(r: torch.Tensor, lam: float, scale: float) -> torch.Tensor:
@@ -42,6 +42,18 @@ class StepResult:
     anchor: float | None = None
     infos: list = field(default_factory=list)  # one dict per surrogate (the method's own log fields)
     bad: str | None = None  # "reward": non-finite, nothing back-propagated; "loss": the loss or anchor is
+
+
+def rollout_for(backbone, method: Method, prompts: list[str], num_steps: int, height: int, width: int, noise: torch.Tensor,
+                pair_generator: torch.Generator, reuse_calls: bool = True) -> Trajectory:
+    """The rollout a step of `method` needs: its velocities if it reads them and, with `reuse_calls`, the model calls its
+    surrogates will back-propagate (chosen from a copy of the generator, which `step` then draws from for real)."""
+    keep = set()
+    if reuse_calls:
+        peek = torch.Generator(pair_generator.device)
+        peek.set_state(pair_generator.get_state())
+        keep = method.rollout_graphs(num_steps, peek)
+    return rollout(backbone, prompts, num_steps, height, width, noise=noise, keep_velocities=method.needs_velocities, keep_graphs=keep)
 
 
 def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], height: int, width: int, lam: float, scale: float,

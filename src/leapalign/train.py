@@ -20,9 +20,8 @@ from .errors import UserError
 from .evaluation import Evaluator, load_prompt_rows, write_json
 from .judges import HackWatch, Judges, default_judges, headline
 from .methods import build_method
-from .objective import Objective, step as objective_step
+from .objective import Objective, rollout_for, step as objective_step
 from .rewards import load_reward
-from .rollout import rollout
 from .runlog import Guard, RunLog
 
 
@@ -382,7 +381,8 @@ class Run:
             picks = draw_prompts(self.train_rows, B * world, self.gens["prompts"], tc.balance_tags)[mine]
             noise = self.backbone.initial_noise(B * world, self.H, self.W, self.gens["noise"])[mine]
             prompts = [self.train_rows[i]["prompt"] for i in picks]
-            traj = rollout(self.backbone, prompts, tc.num_steps, self.H, self.W, noise=noise, keep_velocities=self.method.needs_velocities)
+            traj = rollout_for(self.backbone, self.method, prompts, tc.num_steps, self.H, self.W, noise, self.gens["pairs"],
+                               tc.reuse_rollout_calls and not self.sharded)  # FSDP: every call is made anew
             res = objective_step(self.backbone, self.objective, traj, self.gens, 1.0 / tc.grad_accum, agree=everyone)
             if res.bad == "reward":
                 bad = bad or "reward"

@@ -44,6 +44,12 @@ class Method:
     def check(self, num_steps: int) -> None:
         """Raise UserError if the method cannot run on a rollout of num_steps steps (before any work)."""
 
+    def rollout_graphs(self, num_steps: int, generator: torch.Generator) -> set[int]:
+        """Steps whose model call (at the rollout's own input) the surrogates will back-propagate, drawn as `surrogates`
+        will draw them from `generator` (a copy): the rollout keeps those calls instead of the surrogates repeating them.
+        A method that fetches its calls with `Trajectory.velocity` may say which; the default keeps none."""
+        return set()
+
     def surrogates(self, backbone: Backbone, traj: Trajectory, generator: torch.Generator):
         """Yield surrogates one at a time so each can be back-propagated and freed before the next."""
         raise NotImplementedError

@@ -51,12 +51,12 @@ def leap_surrogate(backbone: Backbone, traj: Trajectory, k: int, j: int, alpha: 
     Leaps and connectors are float32 whatever the model dtype (only the model's input is cast to
     it), so a bf16 model's long leaps are not rounded to 8 bits; the endpoint is float32.
     """
-    x, s, cond = traj.states, traj.sigmas, traj.cond
+    x, s = traj.states, traj.sigmas
     x_k, x_j, x_n = x[k], x[j].float(), x[-1].float()
-    xhat_j = x_k.float() + (s[j] - s[k]) * backbone.velocity(x_k.detach(), s[k], cond).float()
+    xhat_j = x_k.float() + (s[j] - s[k]) * traj.velocity(backbone, k).float()  # v(sg(x_k)); the rollout's own call if kept
     xt_j = schedule.connect(xhat_j, x_j)
     xin_j = schedule.discount(xt_j, alpha).to(x_k.dtype)
-    xhat_n = xt_j + (s[-1] - s[j]) * backbone.velocity(xin_j, s[j], cond).float()
+    xhat_n = xt_j + (s[-1] - s[j]) * traj.velocity(backbone, j, xin_j).float()  # value v(x_j), gradient through xin_j
     xt_n = schedule.connect(xhat_n, x_n)
     with torch.no_grad():
         d_j, d_n = _mean_abs(xhat_j, x_j), _mean_abs(xhat_n, x_n)
@@ -100,6 +100,12 @@ class LeapAlign(Method):
     def surrogates_per_rollout(self) -> int:
         return self.pairs_per_rollout
 
+    def rollout_graphs(self, num_steps, generator):
+        return {i for pair in self._pairs(num_steps, generator) for i in pair}
+
+    def _pairs(self, num_steps, generator):
+        return sample_pairs(num_steps, self.pairs_per_rollout, generator, tuple(self.window), self.fixed_gap)
+
     def surrogates(self, backbone, traj, generator):
-        for k, j in sample_pairs(traj.num_steps, self.pairs_per_rollout, generator, tuple(self.window), self.fixed_gap):
+        for k, j in self._pairs(traj.num_steps, generator):
             yield leap_surrogate(backbone, traj, k, j, self.alpha, self.tau, self.weighting)
