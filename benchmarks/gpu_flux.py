@@ -10,8 +10,10 @@ in CPU memory, `train.text_cache=cpu`): a zero-layer T5 of width 4096 and a one-
     python benchmarks/gpu_flux.py                   # one GPU: 512 and 720 px, batch 1, 2, 4 -> results/gpu_flux.md
     python benchmarks/gpu_flux.py --tiny            # CPU: the same code on a reduced FLUX (the test suite runs this)
 
-Full fine-tuning: the measured peak covers rollout, gradients and bf16 weights; AdamW's fp32 states and masters
-(16 bytes a parameter, 192 GB for 12B) are given as computed figures, as they do not fit one GPU whatever the step.
+Full fine-tuning, step only: the measured peak covers rollout, gradients and bf16 weights; AdamW's fp32 states and
+masters (16 bytes a parameter, 192 GB for 12B) are given as computed figures, as they do not fit one GPU whatever the
+step.  With bitsandbytes' 8-bit AdamW updating the bf16 weights directly (`train.optimizer=adamw8bit
+train.fp32_master=false`) the states are 2 bytes a parameter and are measured: the one-GPU configuration.
 """
 from __future__ import annotations
 
@@ -38,11 +40,12 @@ TINY = {"transformer": dict(FLUX_DEV, num_layers=1, num_single_layers=2, attenti
         "vit": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32),
         "text": (64, 32)}
 FULL = {"transformer": FLUX_DEV, "vae": FLUX_VAE, "vit": VIT_H, "text": (4096, 768)}
-CASES = [  # (label, method options, finetune)
-    ("leapalign LoRA", {"name": "leapalign"}, "lora"),
-    ("leapalign full", {"name": "leapalign"}, "full"),
-    ("drtune LoRA", {"name": "drtune"}, "lora"),
-    ("alignprop LoRA (whole rollout)", {"name": "alignprop", "truncation": "uniform", "min_k": 10**6}, "lora"),
+CASES = [  # (label, method options, finetune, optimiser: adamw | adamw8bit | None = the step only, states computed)
+    ("leapalign LoRA", {"name": "leapalign"}, "lora", "adamw"),
+    ("leapalign full (step only)", {"name": "leapalign"}, "full", None),
+    ("leapalign full, 8-bit AdamW on the bf16 weights", {"name": "leapalign"}, "full", "adamw8bit"),
+    ("drtune LoRA", {"name": "drtune"}, "lora", "adamw"),
+    ("alignprop LoRA (whole rollout)", {"name": "alignprop", "truncation": "uniform", "min_k": 10**6}, "lora", "adamw"),
 ]
 
 
@@ -93,19 +96,19 @@ def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: in
     from leapalign.config import TrainConfig
     from leapalign.methods import build_method
     from leapalign.objective import Objective, rollout_for, step
-    from leapalign.train import setup_trainable
+    from leapalign.train import make_optimizer, setup_trainable
 
-    label, opts, finetune = CASES[case]
+    label, opts, finetune, optimiser = CASES[case]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     spec = TINY if tiny else FULL
     torch.manual_seed(0)
     backbone = FluxBackbone(build(spec, device, dtype), merge_padding=False)  # all 512 T5 tokens, as with T5-XXL
     reward = StandInReward(spec["vit"]).to(device, dtype).requires_grad_(False)
-    tc = TrainConfig(finetune=finetune, gradient_checkpointing=finetune == "full")
+    tc = TrainConfig(finetune=finetune, gradient_checkpointing=finetune == "full", optimizer=optimiser or "adamw", lr=1e-6)
     params = setup_trainable(backbone, tc)
     backbone.transformer.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-6) if finetune == "lora" else None
+    optimizer = make_optimizer(params, tc) if optimiser else None
     method = build_method(opts)
     method.check(steps)
     prompts = ["a red circle to the left of a blue square"] * batch
@@ -137,7 +140,7 @@ def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: in
     weights = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters()) / 2**30
     return {"case": label, "size": size, "batch": batch, "steps": steps, "device": device, "seconds": sorted(times)[len(times) // 2],
             "peak_gb": peak, "weights_gb": weights, "trainable_m": n_trainable / 1e6,
-            "adamw_fp32_gb": n_trainable * 16 / 2**30 if finetune == "full" else 0.0}
+            "adamw_fp32_gb": n_trainable * 16 / 2**30 if optimiser is None else 0.0}
 
 
 def main(argv=None) -> list[dict]:

@@ -269,3 +269,41 @@ def test_resume_keeps_the_evaluations_the_curve_and_the_skipped_count(tmp_path, 
     assert resumed.get("skipped_steps") == whole.get("skipped_steps")
     evals = [json.loads(l) for l in (tmp_path / "parts" / "evaluations.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2, 4] and json.dumps(evals[0]) == json.dumps({"step": 0, **whole["before"]})
+
+
+def test_8bit_adamw_resumes_bit_for_bit_and_follows_fp32_adamw(tmp_path, model_dir):
+    """train.optimizer=adamw8bit (bitsandbytes) on full fine-tuning: its 8-bit moments are checkpointed and resume
+    exactly, and four steps move the weights where fp32 AdamW moves them."""
+    pytest.importorskip("bitsandbytes")
+    common = ("train.finetune=full", "train.lr=1e-3", "train.anchor=0")
+    train_mod.train(_cfg(tmp_path, model_dir, "q8", *common, "train.optimizer=adamw8bit"), progress=False)
+    train_mod.train(_cfg(tmp_path, model_dir, "q8part", *common, "train.optimizer=adamw8bit", "train.steps=2"), progress=False)
+    train_mod.train(_cfg(tmp_path, model_dir, "q8part", *common, "train.optimizer=adamw8bit"), resume="latest", progress=False)
+    drop = ("seconds", "peak_memory_mb")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in _metrics(tmp_path / "q8")] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in _metrics(tmp_path / "q8part")]
+    w8 = load_file(tmp_path / "q8" / "checkpoints" / "step_4" / "trainable.safetensors")
+    assert all(torch.equal(w8[k], v) for k, v in load_file(tmp_path / "q8part" / "checkpoints" / "step_4" / "trainable.safetensors").items())
+    state = ckpt.load_state(tmp_path / "q8" / "checkpoints" / "step_4" / "state.pt")["optimizer"]["state"]
+    moments = [s["__bnb_optimizer_quant_state__"]["state1"] for s in state.values()]  # bitsandbytes' layout
+    assert sum(m.dtype == torch.uint8 for m in moments) >= 10  # every tensor of 4096 values or more: 8 bits
+    train_mod.train(_cfg(tmp_path, model_dir, "f32", *common), progress=False)
+    w32 = load_file(tmp_path / "f32" / "checkpoints" / "step_4" / "trainable.safetensors")
+    w0 = load_file(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    d8 = torch.cat([(w8[k] - w0[k]).flatten() for k in w8])
+    d32 = torch.cat([(w32[k] - w0[k]).flatten() for k in w8])
+    assert d32.norm() > 0 and torch.nn.functional.cosine_similarity(d8, d32, dim=0) > 0.95
+    assert (d8.norm() / d32.norm() - 1).abs() < 0.1
+
+
+def test_8bit_adamw_with_fsdp_is_refused_in_one_line(tmp_path, model_dir):
+    with pytest.raises(UserError, match="adamw8bit"):
+        _cfg(tmp_path, model_dir, "bad", "train.optimizer=adamw8bit", "train.parallel=fsdp")
+
+
+def test_8bit_adamw_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    from leapalign.config import TrainConfig
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"pip install 'leapalign\[8bit\]'"):
+        train_mod.make_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw8bit", lr=1e-3))

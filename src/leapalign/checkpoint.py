@@ -30,7 +30,8 @@ HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_b
 
 # Keys added after checkpoints were first written, with the value that reproduces a run from before:
 # an older checkpoint resumes under it, and is refused (naming the key) under anything else.
-BEFORE_IT_EXISTED = {"train.anchor": 0.0, "train.fsdp_reshard": True, "train.text_cache": "device"}
+BEFORE_IT_EXISTED = {"train.anchor": 0.0, "train.fsdp_reshard": True, "train.text_cache": "device", "train.optimizer": "adamw",
+                     "train.reuse_rollout_calls": False}
 
 
 def capture_rng(generators: dict[str, torch.Generator]) -> dict:

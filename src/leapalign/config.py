@@ -66,6 +66,7 @@ class TrainConfig:
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
     lr: float | None = None  # None: 1e-5 for full fine-tuning (paper), 1e-4 for LoRA
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes: moments in 8 bits, 2 bytes a parameter instead of 8)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
@@ -123,7 +124,8 @@ class Config:
         """Every enum and range, checked once before anything loads; one line naming the key otherwise."""
         m, tc, ec = self.model, self.train, self.eval
         choices = {"model.dtype": (m.dtype, ("float32", "bfloat16", "float16")), "train.finetune": (tc.finetune, ("lora", "full")),
-                   "train.parallel": (tc.parallel, ("ddp", "fsdp")), "train.text_cache": (tc.text_cache, ("device", "cpu"))}
+                   "train.parallel": (tc.parallel, ("ddp", "fsdp")), "train.text_cache": (tc.text_cache, ("device", "cpu")),
+                   "train.optimizer": (tc.optimizer, ("adamw", "adamw8bit"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -143,6 +145,9 @@ class Config:
             raise UserError(f"train.lr must be positive, got {tc.lr}")
         if tc.ema is not None and not 0 < tc.ema < 1:
             raise UserError(f"train.ema must be in (0, 1) or null (off), got {tc.ema}")
+        if tc.optimizer == "adamw8bit" and tc.parallel == "fsdp":
+            raise UserError("train.optimizer=adamw8bit (bitsandbytes) cannot hold sharded parameters; use it with train.parallel=ddp "
+                            "or one process, or train.optimizer=adamw with fsdp")
         if tc.anchor > 0 and tc.finetune == "full" and tc.parallel == "fsdp":
             raise UserError("train.anchor with train.finetune=full keeps a whole frozen copy of the transformer on every rank, "
                             "which defeats train.parallel=fsdp; use train.finetune=lora (its base is the model with the LoRA off) or train.anchor=0")

@@ -50,6 +50,19 @@ def draw_prompts(rows: list[dict], count: int, generator: torch.Generator, balan
     return out
 
 
+def make_optimizer(params, train_cfg) -> torch.optim.Optimizer:
+    """AdamW (torch) or, with train.optimizer=adamw8bit, bitsandbytes' AdamW8bit: the two moments in 8 bits with
+    block-wise scales, 2 bytes a parameter instead of 8 (tensors under 4096 values keep 32-bit moments)."""
+    kwargs = dict(lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay)
+    if train_cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'leapalign[8bit]'") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def setup_trainable(backbone, train_cfg):
     """LoRA adapters through peft (default) or the whole transformer; returns the trainable parameters."""
     tr = backbone.transformer
@@ -308,7 +321,7 @@ class Run:
         self.names = [n for n, p in self.backbone.transformer.named_parameters() if p.requires_grad]  # checkpoint keys
         self.master = MasterWeights(self.model_params, tc.fp32_master)
         self.params = self.master.params  # what the optimiser, clipping, EMA and checkpoints see
-        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.optimizer = make_optimizer(self.params, tc)
         self.ema = EMA(self.params, tc.ema) if tc.ema else None
 
     def swap_ema(self) -> None:
