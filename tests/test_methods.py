@@ -327,3 +327,30 @@ def test_a_method_yielding_more_surrogates_than_it_declares_stops_before_their_g
     got = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in s.bb.transformer.parameters()]
     assert_grads_close(got, g_one)
     s.grads()
+
+
+@pytest.mark.parametrize("opts", [{"name": "refl"}, {"name": "drtune", "k": 2}, {"name": "drtune", "k": 2, "train_stop": True}])
+def test_the_baselines_reuse_the_rollouts_calls_without_changing_the_gradient(tiny_flux_pipe, opts):
+    """ReFL's and DRTune's calls are all at sg(x_i): `rollout_for` keeps them, the surrogates make none of their own,
+    and the gradient is the one of recomputed calls."""
+    from conftest import PROMPTS
+
+    from leapalign.objective import rollout_for
+
+    method = build_method(opts)
+    s = Setup(tiny_flux_pipe, list(PROMPTS))
+    calls = []
+    hook = s.bb.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        plain, plain_infos = s.library(method, torch.Generator().manual_seed(3))
+        recomputed = len(calls)
+        calls.clear()
+        s.traj = rollout_for(s.bb, method, list(PROMPTS), STEPS, H, W, s.traj.states[0], torch.Generator().manual_seed(3))
+        kept = len(s.traj.graphs)
+        reused, infos = s.library(method, torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+    assert [i for i in infos] == [i for i in plain_infos] and kept >= 1 and s.traj.graphs == {}
+    assert len(calls) == STEPS + recomputed - kept  # DRTune's untrained stop call is still made, without gradient
+    assert_grads_close(reused, plain, rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in reused)

@@ -35,15 +35,18 @@ def spaced_steps(t_min: int, k: int, generator: torch.Generator) -> list[int]:
 
 
 def drtune_surrogate(backbone: Backbone, traj: Trajectory, trained: list[int], t_min: int, train_stop: bool = False) -> Surrogate:
-    x, s, cond = traj.states, traj.sigmas, traj.cond
+    x, s = traj.states, traj.sigmas
     x_t = x[t_min]
     pred = x_t.float()
     for i in trained:
         if i < t_min:
-            pred = pred + (s[i + 1] - s[i]) * backbone.velocity(x[i].detach(), s[i], cond).float()
+            pred = pred + (s[i + 1] - s[i]) * traj.velocity(backbone, i).float()
     xt = schedule.connect(pred, x_t.float())
-    with torch.enable_grad() if (train_stop or t_min in trained) else torch.no_grad():
-        v_stop = backbone.velocity(x_t.detach(), s[t_min], cond).float()
+    if train_stop or t_min in trained:
+        v_stop = traj.velocity(backbone, t_min).float()
+    else:
+        with torch.no_grad():
+            v_stop = backbone.velocity(x_t, s[t_min], traj.cond).float()
     x0hat = xt + (s[-1] - s[t_min]) * v_stop
     return Surrogate(x0hat, torch.ones(x_t.shape[0], device=x_t.device), False, {"k": list(trained), "j": t_min})
 
@@ -68,6 +71,14 @@ class DRTune(Method):
     def check(self, num_steps):
         window_steps(num_steps, tuple(self.stop_window), "stop_window")
 
+    def _draw(self, num_steps, generator):
+        t_min = pick(window_steps(num_steps, tuple(self.stop_window), "stop_window"), generator)
+        return spaced_steps(t_min, self.k, generator), t_min
+
+    def rollout_graphs(self, num_steps, generator):
+        trained, t_min = self._draw(num_steps, generator)
+        return {i for i in trained if i < t_min} | ({t_min} if self.train_stop or t_min in trained else set())
+
     def surrogates(self, backbone, traj, generator):
-        t_min = pick(window_steps(traj.num_steps, tuple(self.stop_window), "stop_window"), generator)
-        yield drtune_surrogate(backbone, traj, spaced_steps(t_min, self.k, generator), t_min, self.train_stop)
+        trained, t_min = self._draw(traj.num_steps, generator)
+        yield drtune_surrogate(backbone, traj, trained, t_min, self.train_stop)

@@ -35,14 +35,16 @@ def pick(steps: list[int], generator: torch.Generator) -> int:
     return steps[int(torch.randint(len(steps), (1,), generator=generator))]
 
 
-def predict_sample(backbone: Backbone, traj: Trajectory, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """x0hat = x_t + (0 - sigma_t) v(sg(x_t), sigma_t) in float32 (the reference codes' prediction), gradient through v."""
+def predict_sample(backbone: Backbone, traj: Trajectory, x_t: torch.Tensor, t: int, v: torch.Tensor | None = None) -> torch.Tensor:
+    """x0hat = x_t + (0 - sigma_t) v(sg(x_t), sigma_t) in float32 (the reference codes' prediction), gradient through v
+    (`v`: that velocity already computed, e.g. the rollout's own call)."""
     s = traj.sigmas
-    return x_t.float() + (s[-1] - s[t]) * backbone.velocity(x_t.detach(), s[t], traj.cond).float()
+    v = backbone.velocity(x_t.detach(), s[t], traj.cond) if v is None else v
+    return x_t.float() + (s[-1] - s[t]) * v.float()
 
 
 def refl_surrogate(backbone: Backbone, traj: Trajectory, t: int) -> Surrogate:
-    x0hat = predict_sample(backbone, traj, traj.states[t], t)
+    x0hat = predict_sample(backbone, traj, traj.states[t], t, traj.velocity(backbone, t))
     return Surrogate(x0hat, torch.ones(x0hat.shape[0], device=x0hat.device), False, {"k": t})
 
 
@@ -60,6 +62,9 @@ class ReFL(Method):
 
     def check(self, num_steps):
         window_steps(num_steps, tuple(self.window))
+
+    def rollout_graphs(self, num_steps, generator):
+        return {pick(window_steps(num_steps, tuple(self.window)), generator)}
 
     def surrogates(self, backbone, traj, generator):
         yield refl_surrogate(backbone, traj, pick(window_steps(traj.num_steps, tuple(self.window)), generator))
