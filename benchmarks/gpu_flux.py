@@ -5,7 +5,8 @@ image tower scoring against a fixed text embedding) are built from their publish
 weights, in bf16.  The text encoders are not the point (their outputs are cached per prompt and they can live
 in CPU memory, `train.text_cache=cpu`): a zero-layer T5 of width 4096 and a one-layer CLIP of width 768 with a
 40-word vocabulary stand in for T5-XXL and CLIP-L; the transformer sees all 512 text tokens, as with T5-XXL.  Each configuration runs the trainer's own step (`objective.rollout_for` +
-`objective.step`, then AdamW on the trainable weights) in a fresh process, so its peak is its own.
+`objective.step`, then AdamW on the trainable weights) in a fresh process, so its peak is its own (`--tiny`: all in
+this process).
 
     python benchmarks/gpu_flux.py                   # one GPU: 512 and 720 px, batch 1, 2, 4 -> results/gpu_flux.md
     python benchmarks/gpu_flux.py --tiny            # CPU: the same code on a reduced FLUX (the test suite runs this)
@@ -156,20 +157,26 @@ def main(argv=None) -> list[dict]:
     if args._case:
         print(json.dumps(run_case(*args._case, args.steps, args.tiny, args.iters)))
         return []
-    sizes, batches = ([64], [1]) if args.tiny else ([int(s) for s in args.sizes.split(",")], [int(b) for b in args.batches.split(",")])
+    sizes, batches = [int(s) for s in args.sizes.split(",")], [int(b) for b in args.batches.split(",")]
     steps = 4 if args.tiny else args.steps
     rows = []
+    if args.tiny:  # nothing to keep apart on CPU (no peak is read): every case in this process, in seconds
+        return print_table([run_case(case, 64, 1, steps, True, args.iters) for case in range(len(CASES))], args, steps)
     for case in range(len(CASES)):
         for size in sizes:
             for batch in batches:
                 cmd = [sys.executable, __file__, "--_case", str(case), str(size), str(batch), "--steps", str(steps), "--iters", str(args.iters)]
-                proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
                     rows.append({"case": CASES[case][0], "size": size, "batch": batch, "error": "out of memory" if "out of memory" in err.lower() else err[:120]})
                 else:
                     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(rows[-1], flush=True)
+    return print_table(rows, args, steps)
+
+
+def print_table(rows: list[dict], args, steps: int) -> list[dict]:
     lines = ["# FLUX.1-dev architecture, random weights, bf16: one training iteration\n",
              f"`python benchmarks/gpu_flux.py{' --tiny' if args.tiny else ''}` on {rows[0].get('device', '?')}"
              f"{' (' + torch.cuda.get_device_name() + ')' if torch.cuda.is_available() else ''}; rollout {steps} steps; "
