@@ -142,6 +142,12 @@ class Backbone:
         raise NotImplementedError
 
 
+def grid_layout(cond: "Conditioning", key: str, n_tokens: int, from_side):
+    """The image-token layout `at_resolution` stored under cond.shared[key], else `from_side(side)` of a square grid."""
+    layout = cond.shared.get(key)
+    return layout if layout is not None else from_side(square_side(n_tokens))
+
+
 def square_side(n_tokens: int) -> int:
     """The side of a square token grid: without a resolution (at_resolution) only a square grid is unambiguous."""
     side = math.isqrt(n_tokens)

@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from .. import schedule
-from .base import Backbone, Conditioning, square_side
+from .base import Backbone, Conditioning, grid_layout
 
 
 def pack_tokens(z: torch.Tensor) -> torch.Tensor:
@@ -109,10 +109,7 @@ class Flux2KleinBackbone(Backbone):
     def velocity(self, x: torch.Tensor, sigma, cond: Conditioning) -> torch.Tensor:
         b, n_img = x.shape[0], x.shape[1]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-        img_ids = cond.shared.get("img_ids")
-        if img_ids is None:
-            side = square_side(n_img)
-            img_ids = token_ids(side, side).to(x.device)
+        img_ids = grid_layout(cond, "img_ids", n_img, lambda side: token_ids(side, side).to(x.device))
         embeds = cond.batch["embeds"]
         if not self.do_cfg:
             return self._call(x, sigma, embeds, cond, img_ids)

@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from .. import schedule
-from .base import Backbone, Conditioning, square_side
+from .base import Backbone, Conditioning, grid_layout
 from .flux import pack_latents, unpack_latents
 
 
@@ -105,10 +105,7 @@ class QwenImageBackbone(Backbone):
     def velocity(self, x: torch.Tensor, sigma, cond: Conditioning) -> torch.Tensor:
         b, n_img = x.shape[0], x.shape[1]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-        shape = cond.shared.get("img_shape")
-        if shape is None:
-            side = square_side(n_img)
-            shape = (1, side, side)
+        shape = grid_layout(cond, "img_shape", n_img, lambda side: (1, side, side))
         img_shapes = [[tuple(int(s) for s in shape)]] * b
         # the pipeline feeds (sigma * 1000) in the latent dtype, / 1000
         t = (sigma * self.pipe.scheduler.config.num_train_timesteps).expand(b).to(x.dtype)
