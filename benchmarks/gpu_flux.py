@@ -10,6 +10,7 @@ this process).
 
     python benchmarks/gpu_flux.py                   # one GPU: 512 and 720 px, batch 1, 2, 4 -> results/gpu_flux.md
     python benchmarks/gpu_flux.py --tiny            # CPU: the same code on a reduced FLUX (the test suite runs this)
+    python benchmarks/gpu_flux.py --vae 1024        # the FLUX VAE's decode + backward, with and without train.vae_checkpointing
 
 Full fine-tuning, step only: the measured peak covers rollout, gradients and bf16 weights; AdamW's fp32 states and
 masters (16 bytes a parameter, 192 GB for 12B) are given as computed figures, as they do not fit one GPU whatever the
@@ -144,6 +145,35 @@ def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: in
             "adamw_fp32_gb": n_trainable * 16 / 2**30 if optimiser is None else 0.0}
 
 
+def vae_case(size: int, checkpointing: bool, tiny: bool) -> dict:
+    """The FLUX VAE's decode and backward of one image (the reward gradient's decoder part): peak memory above the
+    loaded VAE (CUDA: allocated; CPU: resident set) and seconds, with and without train.vae_checkpointing."""
+    import resource
+
+    from diffusers import AutoencoderKL
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    vae = AutoencoderKL(**(TINY if tiny else FULL)["vae"]).to(device, dtype).requires_grad_(False)
+    if checkpointing:
+        vae.enable_gradient_checkpointing()
+    z = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=device, dtype=dtype, requires_grad=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    vae.decode(z).sample.float().square().mean().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"size": size, "checkpointing": checkpointing, "peak_gb": peak / 2**30, "seconds": time.perf_counter() - t0}
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a reduced FLUX on whatever device there is, 64 px, batch 1, 4 steps")
@@ -153,7 +183,23 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_flux.md"))
     ap.add_argument("--_case", nargs=3, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--vae", type=int, default=0, metavar="PX", help="only the VAE decode + backward at PX, with and without checkpointing")
+    ap.add_argument("--_vae", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._vae:
+        print(json.dumps(vae_case(args._vae[0], bool(args._vae[1]), args.tiny)))
+        return []
+    if args.vae:  # each in a fresh process: the peak is its own
+        rows = []
+        for ckpt in (0, 1):
+            proc = subprocess.run([sys.executable, __file__, "--_vae", str(args.vae), str(ckpt)] + (["--tiny"] if args.tiny else []),
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-2000:])
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"VAE decode + backward at {args.vae} px, checkpointing {bool(ckpt)}: peak +{rows[-1]['peak_gb']:.2f} GB, "
+                  f"{rows[-1]['seconds']:.1f} s", flush=True)
+        return rows
     if args._case:
         print(json.dumps(run_case(*args._case, args.steps, args.tiny, args.iters)))
         return []

@@ -3,6 +3,7 @@
 - train.decode_batch: the reward gradient decoded in chunks equals the whole-batch one;
 - train.fp32_master: bf16 weights with fp32 master copies keep updates that bf16 alone rounds away,
   and a bf16 step's gradient matches the fp32 one to bf16 precision;
+- train.vae_checkpointing: the same reward gradient;
 - train.gradient_checkpointing: tests/test_backbones.py (identical gradients for every family).
 """
 from __future__ import annotations
@@ -35,6 +36,21 @@ def test_chunked_decode_gives_the_same_reward_gradient(tiny_flux_pipe):
     assert {k: v.shape for k, v in comps_chunked.items()} == {k: (4,) for k in comps_whole} and len(comps_whole) == 2
     for k in comps_whole:
         torch.testing.assert_close(comps_chunked[k], comps_whole[k])
+
+
+def test_vae_checkpointing_gives_the_same_reward_gradient():
+    """train.vae_checkpointing recomputes the decoder's blocks in backward: the same dLoss/dx_N, and the switch is on."""
+    from leapalign.config import TrainConfig
+
+    bb = FluxBackbone(conftest._build(merged=False))
+    reward = load_reward(f"{DATA / 'user_rewards.py'}:redness")
+    x = bb.initial_noise(4, 16, 16, torch.Generator().manual_seed(0))
+    plain = reward_gradient(bb, reward, x, PROMPTS, 16, 16, lam=1.0, scale=2.0)[2]
+    setup_trainable(bb, TrainConfig(vae_checkpointing=True))
+    assert bb.vae.decoder.gradient_checkpointing
+    recomputed = reward_gradient(bb, reward, x, PROMPTS, 16, 16, lam=1.0, scale=2.0)[2]
+    torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-7)
+    assert plain.abs().max() > 0
 
 
 def test_master_weights_keep_updates_that_bf16_rounds_away():

@@ -80,6 +80,7 @@ class TrainConfig:
     decode_batch: int = 0  # decode and score the rollout's samples this many at a time; 0 = all at once
     fp32_master: bool = True  # with model.dtype bf16/fp16: the optimiser updates fp32 copies of the trainable weights
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% more time
+    vae_checkpointing: bool = False  # recompute the VAE decoder's blocks in the reward gradient's backward (its activations lead at 1024 px)
     reuse_rollout_calls: bool = True  # the rollout keeps the model calls the surrogates back-propagate (a forward saved each; held to the backward)
     parallel: str = "ddp"  # with several processes: ddp (every rank holds the model) | fsdp (blocks sharded, FSDP2)
     fsdp_cpu_offload: bool = False  # fsdp: keep parameter shards in CPU memory between uses

@@ -81,6 +81,8 @@ def setup_trainable(backbone, train_cfg):
         raise UserError(f"train.finetune must be 'lora' or 'full', got {train_cfg.finetune!r}")
     if train_cfg.gradient_checkpointing:
         tr.enable_gradient_checkpointing()
+    if train_cfg.vae_checkpointing:
+        backbone.vae.enable_gradient_checkpointing()
     return [p for p in tr.parameters() if p.requires_grad]
 
 
