@@ -40,7 +40,7 @@ PROMPTS = ["a red circle to the left of a blue square", "two yellow squares", "a
 class Bench:
     """One model with LoRA, its optimiser and a reward; times the phases of an iteration."""
 
-    def __init__(self, model: str, batch: int, device: str, dtype: str):
+    def __init__(self, model: str, batch: int, device: str, dtype: str, compile: bool = False):
         from leapalign.backbones import load_backbone
         from leapalign.backbones.flux import FluxBackbone
         from leapalign.config import ModelConfig, TrainConfig
@@ -53,7 +53,7 @@ class Bench:
             self.backbone = FluxBackbone(random_large_pipeline().to(device, getattr(torch, dtype)))
         else:
             self.backbone = load_backbone(ModelConfig(path=model, height=32, width=32, dtype=dtype), device)
-        self.params = setup_trainable(self.backbone, TrainConfig(finetune="lora", lora_rank=8))
+        self.params = setup_trainable(self.backbone, TrainConfig(finetune="lora", lora_rank=8, compile=compile))
         self.backbone.transformer.train()
         self.n_params = sum(p.numel() for p in self.backbone.transformer.parameters()) / 1e6
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
@@ -161,6 +161,7 @@ def main(argv=None) -> tuple[float, float]:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--compile", action="store_true", help="train.compile: the transformer compiled (the warm-up repetition compiles)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_cost.md"))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,12 +170,13 @@ def main(argv=None) -> tuple[float, float]:
         models, steps_list, reps = ["shapeworld"], [25], 2
         variants = {k: v for k, v in VARIANTS.items() if k.startswith("leapalign M=1") or k == "leapalign M=4"}
     lines = ["# Cost of a training iteration against the rollout alone\n",
-             f"`python benchmarks/step_cost.py --models {args.models} --steps {args.steps} --batch {args.batch} --reps {args.reps}` "
+             f"`python benchmarks/step_cost.py --models {args.models} --steps {args.steps} --batch {args.batch} --reps {args.reps}"
+             f"{' --compile' if args.compile else ''}` "
              f"({device}, {args.dtype}, {torch.get_num_threads()} threads; LoRA rank 8, ShapeMatch reward at 32x32, median of "
              f"{args.reps} interleaved repetitions). Columns after 'x rollout' split one iteration into its phases, in seconds.\n"]
     first = None
     for model in models:
-        bench = Bench(model, args.batch, device, args.dtype)
+        bench = Bench(model, args.batch, device, args.dtype, args.compile)
         rows = measure(bench, steps_list, variants, reps)
         first = first or rows
         lines += table(rows, f"{model} ({bench.n_params:.1f}M transformer parameters), batch {args.batch}") + [""]

@@ -24,14 +24,16 @@ from .errors import UserError
 # or memory switches that are tested to leave gradients unchanged (checkpoints hold whole tensors, so
 # a run may also resume with another number of processes or parallel mode).
 HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_bad_steps", "train.gradient_checkpointing",
-            "train.reuse_rollout_calls", "train.vae_checkpointing", "train.decode_batch", "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard",
+            "train.reuse_rollout_calls", "train.vae_checkpointing", "train.compile",
+            "train.decode_batch", "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard",
             "eval.", "output.")
 
 
 # Keys added after checkpoints were first written, with the value that reproduces a run from before:
 # an older checkpoint resumes under it, and is refused (naming the key) under anything else.
 BEFORE_IT_EXISTED = {"train.anchor": 0.0, "train.fsdp_reshard": True, "train.text_cache": "device", "train.optimizer": "adamw",
-                     "train.reuse_rollout_calls": False, "train.vae_checkpointing": False}
+                     "train.reuse_rollout_calls": False, "train.vae_checkpointing": False,
+                     "train.compile": False}
 
 
 def capture_rng(generators: dict[str, torch.Generator]) -> dict:

@@ -81,6 +81,7 @@ class TrainConfig:
     fp32_master: bool = True  # with model.dtype bf16/fp16: the optimiser updates fp32 copies of the trainable weights
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% more time
     vae_checkpointing: bool = False  # recompute the VAE decoder's blocks in the reward gradient's backward (its activations lead at 1024 px)
+    compile: bool = False  # torch.compile the transformer (rollout and training calls): compiles once, then faster steps
     reuse_rollout_calls: bool = True  # the rollout keeps the model calls the surrogates back-propagate (a forward saved each; held to the backward)
     parallel: str = "ddp"  # with several processes: ddp (every rank holds the model) | fsdp (blocks sharded, FSDP2)
     fsdp_cpu_offload: bool = False  # fsdp: keep parameter shards in CPU memory between uses
@@ -146,6 +147,9 @@ class Config:
             raise UserError(f"train.lr must be positive, got {tc.lr}")
         if tc.ema is not None and not 0 < tc.ema < 1:
             raise UserError(f"train.ema must be in (0, 1) or null (off), got {tc.ema}")
+        if tc.compile and tc.parallel == "fsdp":
+            raise UserError("train.compile is not combined with train.parallel=fsdp here (the sharded blocks would need compiling "
+                            "one by one); use train.parallel=ddp or train.compile=false")
         if tc.optimizer == "adamw8bit" and tc.parallel == "fsdp":
             raise UserError("train.optimizer=adamw8bit (bitsandbytes) cannot hold sharded parameters; use it with train.parallel=ddp "
                             "or one process, or train.optimizer=adamw with fsdp")

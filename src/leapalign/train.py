@@ -83,6 +83,8 @@ def setup_trainable(backbone, train_cfg):
         tr.enable_gradient_checkpointing()
     if train_cfg.vae_checkpointing:
         backbone.vae.enable_gradient_checkpointing()
+    if train_cfg.compile:
+        tr.compile()  # torch.compile in place: the parameters keep their names (checkpoints, the LoRA export)
     return [p for p in tr.parameters() if p.requires_grad]
 
 
