@@ -14,8 +14,9 @@ this process).
 
 Full fine-tuning, step only: the measured peak covers rollout, gradients and bf16 weights; AdamW's fp32 states and
 masters (16 bytes a parameter, 192 GB for 12B) are given as computed figures, as they do not fit one GPU whatever the
-step.  With bitsandbytes' 8-bit AdamW updating the bf16 weights directly (`train.optimizer=adamw8bit
-train.fp32_master=false`) the states are 2 bytes a parameter and are measured: the one-GPU configuration.
+step.  Two one-GPU configurations are measured: bitsandbytes' 8-bit AdamW updating the bf16 weights directly
+(`train.optimizer=adamw8bit train.fp32_master=false`: states of 2 bytes a parameter on the GPU), and fp32 AdamW with
+masters, states and EMA in CPU memory (`train.offload_optimizer=true`: the GPU keeps weights and gradients).
 """
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ TINY = {"transformer": dict(FLUX_DEV, num_layers=1, num_single_layers=2, attenti
         "vit": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32),
         "text": (64, 32)}
 FULL = {"transformer": FLUX_DEV, "vae": FLUX_VAE, "vit": VIT_H, "text": (4096, 768)}
-CASES = [  # (label, method options, finetune, optimiser: adamw | adamw8bit | None = the step only, states computed)
+CASES = [  # (label, method options, finetune, optimiser: adamw | adamw8bit | offload (fp32 AdamW in CPU memory) | None = the step only)
     ("leapalign LoRA", {"name": "leapalign"}, "lora", "adamw"),
     ("leapalign full (step only)", {"name": "leapalign"}, "full", None),
     ("leapalign full, 8-bit AdamW on the bf16 weights", {"name": "leapalign"}, "full", "adamw8bit"),
+    ("leapalign full, fp32 AdamW offloaded to CPU memory", {"name": "leapalign"}, "full", "offload"),
     ("drtune LoRA", {"name": "drtune"}, "lora", "adamw"),
     ("alignprop LoRA (whole rollout)", {"name": "alignprop", "truncation": "uniform", "min_k": 10**6}, "lora", "adamw"),
 ]
@@ -98,7 +100,7 @@ def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: in
     from leapalign.config import TrainConfig
     from leapalign.methods import build_method
     from leapalign.objective import Objective, rollout_for, step
-    from leapalign.train import make_optimizer, setup_trainable
+    from leapalign.train import MasterWeights, make_optimizer, setup_trainable
 
     label, opts, finetune, optimiser = CASES[case]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,10 +109,12 @@ def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: in
     torch.manual_seed(0)
     backbone = FluxBackbone(build(spec, device, dtype), merge_padding=False)  # all 512 T5 tokens, as with T5-XXL
     reward = StandInReward(spec["vit"]).to(device, dtype).requires_grad_(False)
-    tc = TrainConfig(finetune=finetune, gradient_checkpointing=finetune == "full", optimizer=optimiser or "adamw", lr=1e-6)
+    tc = TrainConfig(finetune=finetune, gradient_checkpointing=finetune == "full", optimizer="adamw8bit" if optimiser == "adamw8bit" else "adamw",
+                     lr=1e-6, offload_optimizer=optimiser == "offload")
     params = setup_trainable(backbone, tc)
     backbone.transformer.train()
-    optimizer = make_optimizer(params, tc) if optimiser else None
+    master = MasterWeights(params, optimiser == "offload", tc.offload_optimizer)  # the trainer's: fp32 copies in CPU memory
+    optimizer = make_optimizer(master.params, tc) if optimiser else None
     method = build_method(opts)
     method.check(steps)
     prompts = ["a red circle to the left of a blue square"] * batch
@@ -128,8 +132,10 @@ def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: in
         traj = rollout_for(backbone, method, prompts, steps, size, size, noise, pairs)
         step(backbone, Objective(method, reward, lam=1.0), traj, {"pairs": pairs})
         if optimizer is not None:
+            master.grads_to_master()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            master.to_model()
         else:
             for p in params:
                 p.grad = None

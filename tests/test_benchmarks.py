@@ -124,5 +124,6 @@ def test_gpu_run_book_runs_every_configuration_at_a_reduced_size():
     assert [r["case"] for r in rows] == [c[0] for c in gpu_flux.CASES]
     assert all("error" not in r and r["seconds"] > 0 for r in rows), rows
     lora, full = rows[0]["trainable_m"], rows[1]["trainable_m"]
-    assert rows[2]["adamw_fp32_gb"] == 0 and rows[2]["trainable_m"] == full  # the 8-bit optimiser ran: its states are measured
+    for r in rows[2:4]:  # the 8-bit optimiser and the CPU-offloaded one ran: their states are measured, not computed
+        assert r["adamw_fp32_gb"] == 0 and r["trainable_m"] == full
     assert 0 < lora < full and rows[1]["adamw_fp32_gb"] == pytest.approx(full * 1e6 * 16 / 2**30)

@@ -307,3 +307,22 @@ def test_8bit_adamw_without_bitsandbytes_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"pip install 'leapalign\[8bit\]'"):
         train_mod.make_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw8bit", lr=1e-3))
+
+
+def test_offloaded_optimiser_trains_and_resumes_exactly_like_the_plain_one(tmp_path, model_dir):
+    """train.offload_optimizer: masters, AdamW states and EMA in CPU memory (here, where everything is on the CPU,
+    distinct copies); the run, its checkpoint and its resume are the plain run's bit for bit."""
+    common = ("train.finetune=full", "train.lr=1e-3", "train.anchor=0")
+    train_mod.train(_cfg(tmp_path, model_dir, "plain", *common), progress=False)
+    train_mod.train(_cfg(tmp_path, model_dir, "off", *common, "train.offload_optimizer=true", "train.steps=2"), progress=False)
+    train_mod.train(_cfg(tmp_path, model_dir, "off", *common, "train.offload_optimizer=true"), resume="latest", progress=False)
+    drop = ("seconds", "peak_memory_mb")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in _metrics(tmp_path / "plain")] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in _metrics(tmp_path / "off")]
+    for f in ("trainable.safetensors", "ema.safetensors"):
+        a, b = (load_file(tmp_path / run / "checkpoints" / "step_4" / f) for run in ("plain", "off"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    weights = [torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))]
+    master = train_mod.MasterWeights(weights, enabled=True, offload=True)
+    assert master.enabled and master.params[0] is not weights[0]
+    assert master.params[0].device.type == "cpu" and master.params[0].dtype == torch.float32

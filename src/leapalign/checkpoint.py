@@ -25,7 +25,7 @@ from .errors import UserError
 # a run may also resume with another number of processes or parallel mode).
 HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_bad_steps", "train.gradient_checkpointing",
             "train.reuse_rollout_calls", "train.vae_checkpointing", "train.compile",
-            "train.decode_batch", "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard",
+            "train.offload_optimizer",             "train.decode_batch", "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard",
             "eval.", "output.")
 
 
@@ -33,7 +33,7 @@ HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_b
 # an older checkpoint resumes under it, and is refused (naming the key) under anything else.
 BEFORE_IT_EXISTED = {"train.anchor": 0.0, "train.fsdp_reshard": True, "train.text_cache": "device", "train.optimizer": "adamw",
                      "train.reuse_rollout_calls": False, "train.vae_checkpointing": False,
-                     "train.compile": False}
+                     "train.compile": False, "train.offload_optimizer": False}
 
 
 def capture_rng(generators: dict[str, torch.Generator]) -> dict:

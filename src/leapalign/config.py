@@ -66,6 +66,7 @@ class TrainConfig:
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
     lr: float | None = None  # None: 1e-5 for full fine-tuning (paper), 1e-4 for LoRA
+    offload_optimizer: bool = False  # fp32 masters, optimiser states and EMA in CPU memory; the GPU keeps weights and gradients
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes: moments in 8 bits, 2 bytes a parameter instead of 8)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
@@ -147,6 +148,8 @@ class Config:
             raise UserError(f"train.lr must be positive, got {tc.lr}")
         if tc.ema is not None and not 0 < tc.ema < 1:
             raise UserError(f"train.ema must be in (0, 1) or null (off), got {tc.ema}")
+        if tc.offload_optimizer and tc.parallel == "fsdp":
+            raise UserError("train.offload_optimizer is for one GPU or ddp; with train.parallel=fsdp use train.fsdp_cpu_offload")
         if tc.compile and tc.parallel == "fsdp":
             raise UserError("train.compile is not combined with train.parallel=fsdp here (the sharded blocks would need compiling "
                             "one by one); use train.parallel=ddp or train.compile=false")
