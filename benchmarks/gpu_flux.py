@@ -16,7 +16,8 @@ Full fine-tuning, step only: the measured peak covers rollout, gradients and bf1
 masters (16 bytes a parameter, 192 GB for 12B) are given as computed figures, as they do not fit one GPU whatever the
 step.  Two one-GPU configurations are measured: bitsandbytes' 8-bit AdamW updating the bf16 weights directly
 (`train.optimizer=adamw8bit train.fp32_master=false`: states of 2 bytes a parameter on the GPU), and fp32 AdamW with
-masters, states and EMA in CPU memory (`train.offload_optimizer=true`: the GPU keeps weights and gradients).
+8-bit states in CPU memory (`train.offload_optimizer=true train.optimizer=adamw8bit`: the GPU keeps weights and
+gradients; 72 GB of host memory for 12B, where fp32 states would need 192 GB).
 """
 from __future__ import annotations
 
@@ -43,11 +44,13 @@ TINY = {"transformer": dict(FLUX_DEV, num_layers=1, num_single_layers=2, attenti
         "vit": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32),
         "text": (64, 32)}
 FULL = {"transformer": FLUX_DEV, "vae": FLUX_VAE, "vit": VIT_H, "text": (4096, 768)}
-CASES = [  # (label, method options, finetune, optimiser: adamw | adamw8bit | offload (fp32 AdamW in CPU memory) | None = the step only)
+# (label, method options, finetune, optimiser: adamw | adamw8bit | offload (fp32 masters and 8-bit AdamW in CPU memory: 72 GB
+# of host memory for 12B, where fp32 states would need 192 GB) | None = the step only, states computed)
+CASES = [
     ("leapalign LoRA", {"name": "leapalign"}, "lora", "adamw"),
     ("leapalign full (step only)", {"name": "leapalign"}, "full", None),
     ("leapalign full, 8-bit AdamW on the bf16 weights", {"name": "leapalign"}, "full", "adamw8bit"),
-    ("leapalign full, fp32 AdamW offloaded to CPU memory", {"name": "leapalign"}, "full", "offload"),
+    ("leapalign full, fp32 masters + 8-bit AdamW in CPU memory", {"name": "leapalign"}, "full", "offload"),
     ("drtune LoRA", {"name": "drtune"}, "lora", "adamw"),
     ("alignprop LoRA (whole rollout)", {"name": "alignprop", "truncation": "uniform", "min_k": 10**6}, "lora", "adamw"),
 ]
@@ -109,7 +112,7 @@ def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: in
     torch.manual_seed(0)
     backbone = FluxBackbone(build(spec, device, dtype), merge_padding=False)  # all 512 T5 tokens, as with T5-XXL
     reward = StandInReward(spec["vit"]).to(device, dtype).requires_grad_(False)
-    tc = TrainConfig(finetune=finetune, gradient_checkpointing=finetune == "full", optimizer="adamw8bit" if optimiser == "adamw8bit" else "adamw",
+    tc = TrainConfig(finetune=finetune, gradient_checkpointing=finetune == "full", optimizer="adamw" if optimiser == "adamw" else "adamw8bit",
                      lr=1e-6, offload_optimizer=optimiser == "offload")
     params = setup_trainable(backbone, tc)
     backbone.transformer.train()
