@@ -15,8 +15,8 @@ this process).
 Full fine-tuning, step only: the measured peak covers rollout, gradients and bf16 weights; AdamW's fp32 states and
 masters (16 bytes a parameter, 192 GB for 12B) are given as computed figures, as they do not fit one GPU whatever the
 step.  Two one-GPU configurations are measured: bitsandbytes' 8-bit AdamW updating the bf16 weights directly
-(`train.optimizer=adamw8bit train.fp32_master=false`: states of 2 bytes a parameter on the GPU), and fp32 AdamW with
-8-bit states in CPU memory (`train.offload_optimizer=true train.optimizer=adamw8bit`: the GPU keeps weights and
+(`train.optimizer=adamw8bit train.fp32_master=false`: states of 2 bytes a parameter on the GPU), and fp32 masters with
+8-bit AdamW states in CPU memory (`train.offload_optimizer=true train.optimizer=adamw8bit`: the GPU keeps weights and
 gradients; 72 GB of host memory for 12B, where fp32 states would need 192 GB).
 """
 from __future__ import annotations
