@@ -24,9 +24,8 @@ from .errors import UserError
 # or memory switches that are tested to leave gradients unchanged (checkpoints hold whole tensors, so
 # a run may also resume with another number of processes or parallel mode).
 HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_bad_steps", "train.gradient_checkpointing",
-            "train.reuse_rollout_calls", "train.vae_checkpointing", "train.compile",
-            "train.offload_optimizer",             "train.decode_batch", "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard",
-            "eval.", "output.")
+            "train.reuse_rollout_calls", "train.vae_checkpointing", "train.compile", "train.offload_optimizer", "train.decode_batch",
+            "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard", "eval.", "output.")
 
 
 # Keys added after checkpoints were first written, with the value that reproduces a run from before:

@@ -123,10 +123,10 @@ class MasterWeights:
         self.model = params
         self.device = torch.device("cpu") if offload else None
         self.enabled = offload or (enabled and any(p.dtype != torch.float32 for p in params))
-        dtype = torch.float32 if enabled else None
+        dtype = torch.float32 if enabled else None  # None: the weights' own (offloaded copies without fp32 masters)
         self.params = [self._copy(p.detach(), dtype).clone().requires_grad_(True) for p in params] if self.enabled else params
 
-    def _copy(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    def _copy(self, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         return t.to(device=self.device or t.device, dtype=dtype or t.dtype)
 
     def grads_to_master(self) -> None:

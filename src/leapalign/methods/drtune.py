@@ -34,15 +34,20 @@ def spaced_steps(t_min: int, k: int, generator: torch.Generator) -> list[int]:
     return [start + i * stride for i in range(k)]
 
 
+def graph_steps(trained: list[int], t_min: int, train_stop: bool) -> tuple[list[int], bool]:
+    """The trained steps before t_min (their velocities carry gradient) and whether t_min's own velocity does."""
+    return [i for i in trained if i < t_min], train_stop or t_min in trained
+
+
 def drtune_surrogate(backbone: Backbone, traj: Trajectory, trained: list[int], t_min: int, train_stop: bool = False) -> Surrogate:
     x, s = traj.states, traj.sigmas
     x_t = x[t_min]
     pred = x_t.float()
-    for i in trained:
-        if i < t_min:
-            pred = pred + (s[i + 1] - s[i]) * traj.velocity(backbone, i).float()
+    before, stop_trained = graph_steps(trained, t_min, train_stop)
+    for i in before:
+        pred = pred + (s[i + 1] - s[i]) * traj.velocity(backbone, i).float()
     xt = schedule.connect(pred, x_t.float())
-    if train_stop or t_min in trained:
+    if stop_trained:
         v_stop = traj.velocity(backbone, t_min).float()
     else:
         with torch.no_grad():
@@ -77,7 +82,8 @@ class DRTune(Method):
 
     def rollout_graphs(self, num_steps, generator):
         trained, t_min = self._draw(num_steps, generator)
-        return {i for i in trained if i < t_min} | ({t_min} if self.train_stop or t_min in trained else set())
+        before, stop_trained = graph_steps(trained, t_min, self.train_stop)
+        return set(before) | ({t_min} if stop_trained else set())
 
     def surrogates(self, backbone, traj, generator):
         trained, t_min = self._draw(traj.num_steps, generator)

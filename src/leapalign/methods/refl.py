@@ -63,8 +63,11 @@ class ReFL(Method):
     def check(self, num_steps):
         window_steps(num_steps, tuple(self.window))
 
+    def _step(self, num_steps, generator):
+        return pick(window_steps(num_steps, tuple(self.window)), generator)
+
     def rollout_graphs(self, num_steps, generator):
-        return {pick(window_steps(num_steps, tuple(self.window)), generator)}
+        return {self._step(num_steps, generator)}
 
     def surrogates(self, backbone, traj, generator):
-        yield refl_surrogate(backbone, traj, pick(window_steps(traj.num_steps, tuple(self.window)), generator))
+        yield refl_surrogate(backbone, traj, self._step(traj.num_steps, generator))
