@@ -42,7 +42,7 @@ def test_anchor_gradient_equals_a_frozen_copy_of_the_base():
         p.grad = None
     ref = 3.0 * (bb.velocity(traj.states[t], traj.sigmas[t], traj.cond) - v_base).pow(2).mean()
     (0.5 * ref).backward()
-    assert value == pytest.approx(ref.item(), rel=1e-5)
+    assert float(value) == pytest.approx(ref.item(), rel=1e-5)
     assert ref.item() > 1e-6
     conftest.assert_grads_close(got, [p.grad for p in params])
     assert pipe.transformer.active_adapters(), "the LoRA must be switched back on"

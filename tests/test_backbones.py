@@ -221,7 +221,7 @@ def test_the_anchor_base_is_the_model_without_its_lora(model_dir):
         p.grad = None
     ref = (backbone.velocity(traj.states[t], traj.sigmas[t], traj.cond) - v_base).pow(2).mean()
     ref.backward()
-    assert ref.item() > 1e-8 and value == pytest.approx(ref.item(), rel=1e-4)
+    assert ref.item() > 1e-8 and float(value) == pytest.approx(ref.item(), rel=1e-4)
     conftest.assert_grads_close(got, grads(), rel=1e-4)
 
 

@@ -79,7 +79,7 @@ def test_library_gradient_equals_direct_reference(setup, alpha, weighting, kj):
     if weighting:
         assert bool((sur.weight != 1).all()) and sur.weight.unique().numel() == s.B
     assert (sur.info["k"], sur.info["j"]) == (k, j)
-    assert sur.info["d_j"] == pytest.approx(d_j.mean().item(), rel=1e-5)
+    assert float(sur.info["d_j"]) == pytest.approx(d_j.mean().item(), rel=1e-5)
     assert sur.info["d_N"] == pytest.approx(d_n.mean().item(), rel=1e-5)
     torch.autograd.backward(sur.endpoint, grad_tensors=G * sur.weight[:, None, None] / s.B)
     g_lib = s.grads()

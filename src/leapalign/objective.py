@@ -35,12 +35,15 @@ class Objective:
 
 @dataclass
 class StepResult:
+    """What a step reports.  The numbers stay on the device as 0-dim tensors (no GPU sync between the
+    surrogates' backwards); the trainer reads them all at once after the step (`values.to_floats`)."""
+
     rewards: torch.Tensor  # (B,) at the real samples, detached
     components: dict = field(default_factory=dict)  # {reward name: (B,)} of a weighted sum
-    active: float = 0.0  # fraction of samples whose hinge is positive
-    loss: float = math.nan  # the surrogates' weighted hinge loss, times the step's factor
-    anchor: float | None = None
-    infos: list = field(default_factory=list)  # one dict per surrogate (the method's own log fields)
+    active: torch.Tensor | float = 0.0  # fraction of samples whose hinge is positive
+    loss: torch.Tensor | float = math.nan  # the surrogates' weighted hinge loss, times the step's factor
+    anchor: torch.Tensor | None = None
+    infos: list = field(default_factory=list)  # one dict per surrogate (the method's own log fields, tensors or ints)
     bad: str | None = None  # "reward": non-finite, nothing back-propagated; "loss": the loss or anchor is
 
 
@@ -86,14 +89,14 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
     """Accumulate into .grad the gradient of factor * (mean over the method's surrogates of the batch-mean weighted loss).
 
     A connected surrogate reuses the rollout's reward gradient `grad`; an unconnected one (a
-    prediction, e.g. ReFL) is decoded and scored itself.  Returns (loss value, surrogate infos).
+    prediction, e.g. ReFL) is decoded and scored itself.  Returns (loss value as a 0-dim tensor, surrogate infos).
     """
     B, H, W = traj.sample.shape[0], traj.height, traj.width
     m = method.surrogates_per_rollout
     # each surrogate's backward is scaled by 1/M up front: the accumulated .grad is the mean directly
     # (no in-place fix-up afterwards, which a sharded model's deferred gradient reduction would miss)
     factor = factor / m
-    loss, infos = 0.0, []
+    loss, infos = torch.zeros((), device=traj.sample.device), []
     for s in method.surrogates(backbone, traj, generator):
         infos.append(s.info)
         if len(infos) > m:  # before its backward: a miscounted method must not leave wrong gradients behind
@@ -104,11 +107,11 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
                 raise RuntimeError(f"{method.name} yielded a connected surrogate but declares reward_on_sample = False")
             coeff = (w * factor / B).view(-1, *[1] * (grad.dim() - 1))
             torch.autograd.backward(s.endpoint, grad_tensors=(grad * coeff).to(s.endpoint.dtype))
-            loss += (w * losses).mean().item() * factor
+            loss += (w * losses).mean().detach() * factor
         else:
             pl = hinge(scores(reward, backbone.decode(s.endpoint, H, W), traj.prompts)[0], lam, scale)
             ((w * pl).mean() * factor).backward()
-            loss += (w * pl.detach()).mean().item() * factor
+            loss += (w * pl.detach()).mean() * factor
     if len(infos) != m:
         raise RuntimeError(f"{method.name} yielded {len(infos)} surrogates but declares surrogates_per_rollout = {m}")
     return loss, infos
@@ -120,7 +123,7 @@ def anchor_backward(backbone, traj, generator: torch.Generator, beta: float, fac
     v_base comes from `base` (a backbone over a frozen copy of the transformer, for full fine-tuning) or
     else from the same transformer with its LoRA switched off, which costs one forward and no memory.
     It is the flow-matching analogue of a KL penalty to the base policy: the reward can move the field
-    only as far as its gain pays for.  Returns the value.
+    only as far as its gain pays for.  Returns the value (a 0-dim tensor).
     """
     t = int(torch.randint(traj.num_steps, (1,), generator=generator))
     x, sigma = traj.states[t], traj.sigmas[t]
@@ -135,7 +138,7 @@ def anchor_backward(backbone, traj, generator: torch.Generator, beta: float, fac
                 backbone.transformer.enable_adapters()
     value = (backbone.velocity(x, sigma, traj.cond).float() - v_base.float()).pow(2).mean() * beta
     (value * factor).backward()
-    return value.item()
+    return value.detach()
 
 
 def step(backbone, objective: Objective, traj: Trajectory, generators: dict, factor: float = 1.0,
@@ -149,7 +152,7 @@ def step(backbone, objective: Objective, traj: Trajectory, generators: dict, fac
     o = objective
     r, losses, grad, components = reward_gradient(backbone, o.reward, traj.sample, traj.prompts, traj.height, traj.width,
                                                   o.lam, o.scale, need_grad=o.method.reward_on_sample, chunk=o.decode_batch)
-    result = StepResult(r, components, active=(losses > 0).float().mean().item())
+    result = StepResult(r, components, active=(losses > 0).float().mean())
     if not agree(bool(torch.isfinite(r).all() and (grad is None or torch.isfinite(grad).all()))):
         result.bad = "reward"
         return result
@@ -157,6 +160,7 @@ def step(backbone, objective: Objective, traj: Trajectory, generators: dict, fac
                                                     o.lam, o.scale, factor)
     if o.anchor > 0:
         result.anchor = anchor_backward(backbone, traj, generators["anchor"], o.anchor, factor, o.anchor_base)
-    if not (math.isfinite(result.loss) and (result.anchor is None or math.isfinite(result.anchor))):
+    checked = result.loss if result.anchor is None else result.loss + result.anchor
+    if not bool(torch.isfinite(checked)):  # the step's one sync after its backwards
         result.bad = "loss"
     return result

@@ -255,6 +255,17 @@ def check_run(cfg: config_mod.Config, resume: str | None):
     return out, config_text, resume_from
 
 
+def read_numbers(dicts: list[dict]) -> None:
+    """Replace, in place, every tensor value of these dicts by its float, read from the device in one transfer
+    (a step keeps its numbers on the device so that nothing waits for the GPU between its backwards)."""
+    slots = [(d, k) for d in dicts for k, v in d.items() if isinstance(v, torch.Tensor)]
+    if slots:
+        first = slots[0][0][slots[0][1]]
+        values = torch.stack([d[k].detach().float().reshape(()).to(first.device) for d, k in slots]).tolist()
+        for (d, k), v in zip(slots, values):
+            d[k] = v
+
+
 def summarise_infos(infos: list[dict]) -> dict:
     """One step's log fields from its surrogates' infos, whatever the method reports: floats averaged (d_j, d_N,
     weight), step choices kept (k, j, K: the value with one surrogate, the list with several)."""
@@ -414,18 +425,21 @@ class Run:
             if res.bad == "reward":
                 bad = bad or "reward"
                 continue
-            agg["reward"] += res.rewards.mean().item() / tc.grad_accum
-            agg["active"] += res.active / tc.grad_accum
-            agg["reward_min"] = min(agg["reward_min"], res.rewards.min().item())
-            agg["reward_max"] = max(agg["reward_max"], res.rewards.max().item())
+            # tensors until the step is done: one read from the device instead of one per number
+            r = res.rewards.float()
+            agg["reward"] = agg["reward"] + r.mean() / tc.grad_accum
+            agg["active"] = agg["active"] + res.active / tc.grad_accum
+            agg["reward_min"] = torch.minimum(torch.as_tensor(agg["reward_min"], device=r.device), r.min())
+            agg["reward_max"] = torch.maximum(torch.as_tensor(agg["reward_max"], device=r.device), r.max())
             if len(res.components) > 1:  # a weighted sum: each reward logged by name
                 for name, values in res.components.items():
-                    agg[f"reward/{name}"] = agg.get(f"reward/{name}", 0.0) + values.float().mean().item() / tc.grad_accum
-            agg["loss"] += res.loss
+                    agg[f"reward/{name}"] = agg.get(f"reward/{name}", 0.0) + values.float().mean() / tc.grad_accum
+            agg["loss"] = agg["loss"] + res.loss
             infos += res.infos
             if res.anchor is not None:
                 agg["anchor"] = agg.get("anchor", 0.0) + res.anchor / tc.grad_accum
             bad = bad or res.bad
+        read_numbers([agg, *infos])
         if not math.isfinite(agg["reward_min"]):  # every micro-batch skipped: no range to log (on every rank alike)
             del agg["reward_min"], agg["reward_max"]
         if world > 1:

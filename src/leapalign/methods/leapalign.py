@@ -61,7 +61,8 @@ def leap_surrogate(backbone: Backbone, traj: Trajectory, k: int, j: int, alpha: 
     with torch.no_grad():
         d_j, d_n = _mean_abs(xhat_j, x_j), _mean_abs(xhat_n, x_n)
         w = 1.0 / (d_j.clamp(min=tau) + d_n.clamp(min=tau)) if weighting else torch.ones_like(d_j)
-    return Surrogate(xt_n, w.float(), True, {"k": k, "j": j, "d_j": d_j.mean().item(), "d_N": d_n.mean().item(), "weight": w.mean().item()})
+    return Surrogate(xt_n, w.float(), True, {"k": k, "j": j, "d_j": d_j.mean().detach(), "d_N": d_n.mean().detach(),
+                                         "weight": w.mean().detach()})
 
 
 @dataclass
