@@ -11,6 +11,7 @@ this process).
     python benchmarks/gpu_flux.py                   # one GPU: 512 and 720 px, batch 1, 2, 4 -> results/gpu_flux.md
     python benchmarks/gpu_flux.py --tiny            # CPU: the same code on a reduced FLUX (the test suite runs this)
     python benchmarks/gpu_flux.py --vae 1024        # the FLUX VAE's decode + backward, with and without train.vae_checkpointing
+    python benchmarks/gpu_flux.py --attention flash --out results/gpu_flux_flash.md   # every case on another attention kernel
 
 Full fine-tuning, step only: the measured peak covers rollout, gradients and bf16 weights; AdamW's fp32 states and
 masters (16 bytes a parameter, 192 GB for 12B) are given as computed figures, as they do not fit one GPU whatever the
@@ -97,7 +98,7 @@ def build(spec: dict, device: str, dtype: torch.dtype):
                         tokenizer=clip_tok, text_encoder_2=t5.to(device, dtype), tokenizer_2=t5_tok, transformer=transformer)
 
 
-def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: int) -> dict:
+def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: int, attention: str | None = None) -> dict:
     """One configuration in this process: peak memory above the loaded models and seconds per iteration."""
     from leapalign.backbones.flux import FluxBackbone
     from leapalign.config import TrainConfig
@@ -111,6 +112,10 @@ def run_case(case: int, size: int, batch: int, steps: int, tiny: bool, iters: in
     spec = TINY if tiny else FULL
     torch.manual_seed(0)
     backbone = FluxBackbone(build(spec, device, dtype), merge_padding=False)  # all 512 T5 tokens, as with T5-XXL
+    if attention:
+        from leapalign.backbones import set_attention_backend
+
+        set_attention_backend(backbone, attention)
     reward = StandInReward(spec["vit"]).to(device, dtype).requires_grad_(False)
     tc = TrainConfig(finetune=finetune, gradient_checkpointing=finetune == "full", optimizer="adamw" if optimiser == "adamw" else "adamw8bit",
                      lr=1e-6, offload_optimizer=optimiser == "offload")
@@ -193,6 +198,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_flux.md"))
     ap.add_argument("--_case", nargs=3, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--vae", type=int, default=0, metavar="PX", help="only the VAE decode + backward at PX, with and without checkpointing")
+    ap.add_argument("--attention", default=None, help="model.attention_backend of every case, e.g. flash or _native_cudnn")
     ap.add_argument("--_vae", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._vae:
@@ -210,17 +216,18 @@ def main(argv=None) -> list[dict]:
                   f"{rows[-1]['seconds']:.1f} s", flush=True)
         return rows
     if args._case:
-        print(json.dumps(run_case(*args._case, args.steps, args.tiny, args.iters)))
+        print(json.dumps(run_case(*args._case, args.steps, args.tiny, args.iters, args.attention)))
         return []
     sizes, batches = [int(s) for s in args.sizes.split(",")], [int(b) for b in args.batches.split(",")]
     steps = 4 if args.tiny else args.steps
     rows = []
     if args.tiny:  # nothing to keep apart on CPU (no peak is read): every case in this process, in seconds
-        return print_table([run_case(case, 64, 1, steps, True, args.iters) for case in range(len(CASES))], args, steps)
+        return print_table([run_case(case, 64, 1, steps, True, args.iters, args.attention) for case in range(len(CASES))], args, steps)
     for case in range(len(CASES)):
         for size in sizes:
             for batch in batches:
                 cmd = [sys.executable, __file__, "--_case", str(case), str(size), str(batch), "--steps", str(steps), "--iters", str(args.iters)]
+                cmd += ["--attention", args.attention] if args.attention else []
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
@@ -233,7 +240,7 @@ def main(argv=None) -> list[dict]:
 
 def print_table(rows: list[dict], args, steps: int) -> list[dict]:
     lines = ["# FLUX.1-dev architecture, random weights, bf16: one training iteration\n",
-             f"`python benchmarks/gpu_flux.py{' --tiny' if args.tiny else ''}` on {rows[0].get('device', '?')}"
+             f"`python benchmarks/gpu_flux.py{' --tiny' if args.tiny else ''}{' --attention ' + args.attention if args.attention else ''}` on {rows[0].get('device', '?')}"
              f"{' (' + torch.cuda.get_device_name() + ')' if torch.cuda.is_available() else ''}; rollout {steps} steps; "
              "peak = GPU memory above the loaded models; full fine-tuning with gradient checkpointing.\n",
              "| configuration | px | batch | s / iteration | peak GB | weights GB | trainable (M) | AdamW fp32 states + masters GB (computed) |",

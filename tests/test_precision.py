@@ -176,3 +176,21 @@ def test_compiled_training_equals_the_eager_run_within_tolerance(tmp_path):
     for k in w_eager:
         torch.testing.assert_close(w_compiled[k], w_eager[k], rtol=1e-3, atol=1e-5)
     assert any((w_eager[k] != 0).any() for k in w_eager if "lora_B" in k)  # trained: B moved from zero
+
+
+def test_attention_backend_switch_gives_the_same_velocity_and_names_the_valid_ones():
+    """model.attention_backend routes attention through diffusers' dispatcher (the padding merge goes off,
+    kernels like flash take no mask); on CPU the math kernel must give the default SDPA's velocity."""
+    from leapalign.backbones import load_backbone
+    from leapalign.errors import UserError
+
+    default = load_backbone(config.load(None, []).model)
+    math_kernel = load_backbone(config.load(None, ["model.attention_backend=_native_math"]).model)
+    assert default.merge_padding and not math_kernel.merge_padding
+    prompts = ["a red circle to the left of a blue square", "two green triangles"]
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = [bb.velocity(x, torch.tensor(0.7), bb.at_resolution(bb.encode_prompts(prompts), 32, 32)) for bb in (default, math_kernel)]
+    torch.testing.assert_close(v[1], v[0], rtol=0, atol=1e-4)
+    with pytest.raises(UserError, match="not one of diffusers' attention backends: .*flash"):
+        load_backbone(config.load(None, ["model.attention_backend=flashy"]).model)

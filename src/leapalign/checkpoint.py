@@ -25,14 +25,15 @@ from .errors import UserError
 # a run may also resume with another number of processes or parallel mode).
 HARMLESS = ("train.steps", "train.save_every", "train.keep_last_n", "train.max_bad_steps", "train.gradient_checkpointing",
             "train.reuse_rollout_calls", "train.vae_checkpointing", "train.compile", "train.offload_optimizer", "train.decode_batch",
-            "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard", "eval.", "output.")
+            "train.text_cache", "train.parallel", "train.fsdp_cpu_offload", "train.fsdp_reshard", "model.attention_backend",
+            "eval.", "output.")
 
 
 # Keys added after checkpoints were first written, with the value that reproduces a run from before:
 # an older checkpoint resumes under it, and is refused (naming the key) under anything else.
 BEFORE_IT_EXISTED = {"train.anchor": 0.0, "train.fsdp_reshard": True, "train.text_cache": "device", "train.optimizer": "adamw",
                      "train.reuse_rollout_calls": False, "train.vae_checkpointing": False,
-                     "train.compile": False, "train.offload_optimizer": False}
+                     "train.compile": False, "train.offload_optimizer": False, "model.attention_backend": None}
 
 
 def capture_rng(generators: dict[str, torch.Generator]) -> dict:

@@ -38,6 +38,9 @@ class ModelConfig:
     # None = the family's reference default (FLUX.2 klein true, SD3 and Qwen-Image false)
     detach_uncond: bool | None = None
     max_sequence_length: int | None = None  # T5 tokens; None = the pipeline's default (FLUX 512, SD3 256)
+    # the transformer's attention kernel through diffusers' dispatcher: "flash" (flash-attn), "_native_cudnn",
+    # "_native_flash", "sage", ... (diffusers' AttentionBackendName); None = diffusers' default, torch SDPA
+    attention_backend: str | None = None
     dtype: str = "float32"  # float32 | bfloat16 | float16
 
 

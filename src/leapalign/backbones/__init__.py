@@ -88,6 +88,27 @@ def adapter_options(adapter, model_cfg) -> dict:
     return {k: v for k, v in options.items() if k in accepted and v is not None}
 
 
+def set_attention_backend(backbone: Backbone, name: str) -> None:
+    """Route the transformer's attention through one of diffusers' kernels (rollout, training and evaluation alike).
+
+    The padding merge of FLUX adapters is switched off: it needs an attention mask, which kernels
+    like flash attention do not take (a pipeline whose padding merges, the ShapeWorld base's, then
+    sees all its text tokens)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [b.value for b in AttentionBackendName]
+    if name not in names:
+        raise UserError(f"model.attention_backend {name!r} is not one of diffusers' attention backends: {', '.join(names)}")
+    if not hasattr(backbone.transformer, "set_attention_backend"):
+        raise UserError(f"model.attention_backend: this diffusers version cannot switch {type(backbone.transformer).__name__}'s attention")
+    try:
+        backbone.transformer.set_attention_backend(name)
+    except (RuntimeError, ImportError, ValueError) as e:
+        raise UserError(f"model.attention_backend={name} cannot be used here: {str(e).splitlines()[0]}") from None
+    if hasattr(backbone, "merge_padding"):
+        backbone.merge_padding = False
+
+
 def load_backbone(model_cfg, device: torch.device | str = "cpu") -> Backbone:
     """Load the diffusers pipeline at model.path and wrap it in the adapter of its class."""
     path = resolve_model_path(model_cfg.path)
@@ -111,6 +132,8 @@ def load_backbone(model_cfg, device: torch.device | str = "cpu") -> Backbone:
             module.requires_grad_(False).eval()
     adapter = ADAPTERS[cls_name]
     backbone = adapter(pipe, **adapter_options(adapter, model_cfg))
+    if model_cfg.attention_backend:
+        set_attention_backend(backbone, model_cfg.attention_backend)
     try:
         backbone.check_resolution(model_cfg.height, model_cfg.width)
     except ValueError as e:
