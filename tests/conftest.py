@@ -2,7 +2,7 @@
 
 Two variants:
 - `tiny_flux_pipe`: a 1-layer T5, whose padding rows differ (no padding merge happens);
-- `tiny_flux_pipe_merged`: the ShapeWorld zero-layer T5, whose padding rows are bit-identical,
+- `tiny_flux_pipe_merged`: the ShapeWorld base's windowed T5, whose padding rows are equal,
   so FluxBackbone merges them into one token with a log-count attention bias.
 
 Both have guidance_embeds=True (the guidance-embedding path is exercised), a VAE with
@@ -86,11 +86,11 @@ def _scheduler():
 
 
 def _text_encoders_one_layer(clip_tok, t5_tok):
-    """One CLIP and one T5 layer (the T5 pads differ per prompt, unlike the base's zero-layer T5)."""
+    """One CLIP and one plain bidirectional T5 layer (its pads all differ, as T5-XXL's do; the base's windowed T5's do not)."""
     from leapalign.shapeworld import components
 
     return components.make_text_encoders(clip_tok, t5_tok, width=TEXT_DIM, clip_layers=1, t5_layers=1, heads=2, ff_mult=2,
-                                         clip_length=clip_tok.model_max_length)
+                                         clip_length=clip_tok.model_max_length, t5_window=None)
 
 
 def _build(merged: bool):
@@ -101,7 +101,7 @@ def _build(merged: bool):
     torch.manual_seed(1234 if not merged else 4321)
     clip_tok, t5_tok = components.make_tokenizers()
     if merged:
-        clip, t5 = components.make_text_encoders(clip_tok, t5_tok)  # zero-layer T5, TEXT_DIM = 64
+        clip, t5 = components.make_text_encoders(clip_tok, t5_tok)  # the base's windowed T5, TEXT_DIM = 64
         text_dim = components.TEXT_DIM
     else:
         clip, t5 = _text_encoders_one_layer(clip_tok, t5_tok)
@@ -130,7 +130,7 @@ def tiny_flux_pipe():
 
 @pytest.fixture(scope="session")
 def tiny_flux_pipe_merged():
-    """Tiny random FluxPipeline with the zero-layer T5: identical padding rows, merged by FluxBackbone."""
+    """Tiny random FluxPipeline with the base's windowed T5: equal padding rows, merged by FluxBackbone."""
     return _build(merged=True)
 
 

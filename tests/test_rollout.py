@@ -144,7 +144,7 @@ def test_repeated_and_duplicate_prompts_use_the_cache_consistently(tiny_flux_pip
 # ---------------------------------------------------------------- padding merge
 
 
-def test_padding_merge_happens_only_for_zero_layer_t5(tiny_flux_pipe, tiny_flux_pipe_merged, prompts):
+def test_padding_merge_happens_only_for_windowed_t5(tiny_flux_pipe, tiny_flux_pipe_merged, prompts):
     cond = FluxBackbone(tiny_flux_pipe).encode_prompts(prompts)
     assert "text_bias" not in cond.batch and cond.batch["embeds"].shape[1] == 512
     cond_m = FluxBackbone(tiny_flux_pipe_merged).encode_prompts(prompts)

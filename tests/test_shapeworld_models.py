@@ -185,3 +185,43 @@ def test_shapescore_training_script_runs_and_writes_a_loadable_reward(tmp_path):
     reward = ClipReward.from_pretrained(tmp_path / "r")
     assert reward(torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]).shape == (2,)
     assert "overall" in json.loads((tmp_path / "r_accuracy.json").read_text())
+
+
+def test_windowed_t5_gives_context_only_from_the_words_before_and_equal_padding_rows():
+    """The base's T5 slot: word order reaches the transformer (FLUX gives text tokens no position), pads merge."""
+    from leapalign.shapeworld import components
+
+    torch.manual_seed(0)
+    clip_tok, t5_tok = components.make_tokenizers()
+    _, t5 = components.make_text_encoders(clip_tok, t5_tok)
+    for block in t5.encoder.block:  # random outputs, as after training (the masked bias must stay masked)
+        torch.nn.init.normal_(block.layer[0].SelfAttention.o.weight, std=0.2)
+    ids = t5_tok(["a red circle to the left of a blue square", "a blue circle to the left of a red square"],
+                 padding="max_length", max_length=components.T5_MAX_LENGTH, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = t5(ids).last_hidden_state
+        fast = components.encode_t5(t5, ids)
+    reach = t5.config.num_layers * (components.T5_WINDOW - 1)
+    # the same words in another order: the rows differ from the first swapped word on (a bag of words would not)
+    assert not torch.allclose(out[0, 2], out[1, 2], atol=1e-3)
+    # causal and local: swapping word 1 changes rows 1 .. 1 + reach only
+    changed = (out[0] - out[1]).abs().amax(-1) > 1e-6
+    first_pad = int((ids[0] == t5_tok.pad_token_id).nonzero()[0])
+    assert changed[1] and not changed[0] and not changed[first_pad + reach + 1:].any()
+    # every pad past the receptive field equals the last row, so the backbone merges them; pretraining's short pass agrees
+    tail = out[:, first_pad + reach:]
+    torch.testing.assert_close(tail, out[:, -1:].expand_as(tail), rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast, out, rtol=0, atol=1e-5)
+
+
+def test_grown_t5_starts_as_the_zero_layer_one():
+    from leapalign.shapeworld import components
+
+    torch.manual_seed(0)
+    clip_tok, t5_tok = components.make_tokenizers()
+    _, flat = components.make_text_encoders(clip_tok, t5_tok, t5_layers=0)
+    grown = components.grow_t5(flat)
+    assert grown.config.num_layers == components.T5_LAYERS
+    ids = t5_tok(["two green triangles"], padding="max_length", max_length=64, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(grown(ids).last_hidden_state, flat(ids).last_hidden_state)

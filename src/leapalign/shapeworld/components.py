@@ -2,20 +2,30 @@
 
 Why these choices (see docs/shapeworld.md for the measurements):
 - VAE: 32x32x3 images <-> 8x8x8 latents (6x fewer numbers), so the transformer sees 16 tokens.
-- Text encoder 2 (the "T5" slot) is a `T5EncoderModel` with zero layers: a learned word
-  embedding plus RMSNorm.  Its padding rows are then identical, which lets training (and the
-  leapalign adapter) merge the 500 padding tokens of the pipeline's default
+- Text encoder 2 (the "T5" slot) is a two-layer `T5EncoderModel` whose relative-position bias
+  makes it causal and local: a token sees itself and the `T5_WINDOW - 1` tokens before it.
+  FLUX gives every text token the same position, so the transformer reads the T5 stream as a
+  bag of words; only contextual embeddings can tell it which colour belongs to which shape and
+  which object is the relation's subject (a zero-layer T5, shipped first, left that to CLIP's
+  one pooled vector, and the base could not bind colours or relations).  The window keeps every
+  padding row past the prompt's receptive field identical, which lets training (and the
+  leapalign adapter) merge the ~490 padding tokens of the pipeline's default
   `max_sequence_length=512` into one token with a log-count attention bias, exactly.
-  Word order reaches the model through the CLIP text encoder's pooled vector, as in FLUX.
 - Both text encoders are trained jointly with the transformer (frozen random encoders gave
   the transformer nothing to bind colours to shapes with).
 """
 from __future__ import annotations
 
+import torch
+
 from . import world
 
 CLIP_MAX_LENGTH = 16
 T5_MAX_LENGTH = 512  # FluxPipeline's default max_sequence_length
+T5_LAYERS = 2
+T5_WINDOW = 5  # a T5 token attends to itself and the 4 tokens before it (exact buckets: at most 8)
+T5_CONTENT_LENGTH = 32  # positions pretraining computes; the prompt plus the receptive field fit in it
+_MASKED = -1.0e4  # relative-position bias of the positions a token does not see (exp underflows to 0, fp16-safe)
 TEXT_DIM = 64
 
 VAE_CONFIG = dict(
@@ -98,9 +108,10 @@ def make_tokenizers():
     return clip_tok, t5_tok
 
 
-def make_text_encoders(clip_tok, t5_tok, width: int = TEXT_DIM, clip_layers: int = 2, t5_layers: int = 0, heads: int = 4,
-                       ff_mult: int = 4, clip_length: int = CLIP_MAX_LENGTH):
-    """The base's CLIP-L and T5 slots at toy size (the defaults are the shipped base's: a zero-layer T5)."""
+def make_text_encoders(clip_tok, t5_tok, width: int = TEXT_DIM, clip_layers: int = 2, t5_layers: int = T5_LAYERS, heads: int = 4,
+                       ff_mult: int = 4, clip_length: int = CLIP_MAX_LENGTH, t5_window: int | None = T5_WINDOW):
+    """The base's CLIP-L and T5 slots at toy size (the defaults are the shipped base's; `t5_window=None`: a plain
+    bidirectional T5, whose padding rows all differ, as T5-XXL's do)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip = CLIPTextModel(
@@ -131,7 +142,58 @@ def make_text_encoders(clip_tok, t5_tok, width: int = TEXT_DIM, clip_layers: int
             dropout_rate=0.0,
         )
     )
-    return clip, t5
+    return clip, (window_t5_attention(t5, t5_window) if t5_window else t5)
+
+
+def window_t5_attention(t5, window: int = T5_WINDOW):
+    """Make a T5 encoder causal and local through its relative-position bias (see the module docstring).
+
+    The buckets of past distances >= `window` and of every future position get a bias that no
+    softmax weight survives; their gradient is then exactly zero, so training keeps them.
+    """
+    if not t5.config.num_layers:
+        return t5
+    half = t5.config.relative_attention_num_buckets // 2
+    if not 1 <= window <= half // 2:
+        raise ValueError(f"the T5 window must be 1 to {half // 2} tokens (the exact buckets), got {window}")
+    bias = t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+    with torch.no_grad():
+        bias.weight[window:] = _MASKED  # buckets 0..half-1: the past by distance, half..: the future
+    return t5
+
+
+def grow_t5(t5, layers: int = T5_LAYERS, window: int = T5_WINDOW):
+    """`t5` with `layers` encoder layers, the new ones initialised as the identity (zero output projections)."""
+    from transformers import T5EncoderModel
+
+    if t5.config.num_layers >= layers:
+        return t5
+    config = t5.config.to_dict()
+    config.update(num_layers=layers)
+    grown = T5EncoderModel(type(t5.config).from_dict(config))
+    missing, unexpected = grown.load_state_dict(t5.state_dict(), strict=False)
+    new = {f"encoder.block.{i}." for i in range(t5.config.num_layers, layers)}
+    if unexpected or any(not any(k.startswith(n) for n in new) for k in missing):
+        raise RuntimeError(f"unexpected weights when adding T5 layers: {unexpected or missing}")
+    with torch.no_grad():
+        for block in grown.encoder.block[t5.config.num_layers:]:
+            block.layer[0].SelfAttention.o.weight.zero_()
+            block.layer[1].DenseReluDense.wo.weight.zero_()
+    return window_t5_attention(grown, window)
+
+
+def encode_t5(t5, ids: torch.Tensor) -> torch.Tensor:
+    """The T5 slot's output for padded ids (B, T), computed on the first T5_CONTENT_LENGTH positions.
+
+    Exact for the windowed encoder: each row depends only on the `layers x (window - 1)` ids
+    before it, so every row past the prompt plus that receptive field is the last computed one.
+    """
+    n = min(T5_CONTENT_LENGTH, ids.shape[1])
+    reach = t5.config.num_layers * (T5_WINDOW - 1) + 1
+    if (ids[:, n - reach :] != t5.config.pad_token_id).any():
+        raise ValueError(f"a prompt is too long for the first {n} T5 positions; raise T5_CONTENT_LENGTH")
+    head = t5(ids[:, :n]).last_hidden_state
+    return torch.cat([head, head[:, -1:].expand(-1, ids.shape[1] - n, -1)], 1)
 
 
 def make_vae():

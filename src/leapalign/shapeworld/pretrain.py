@@ -110,7 +110,7 @@ class CaptionedLatents:
 
     def conditioning(self, pipe, backbone, pidx: torch.Tensor):
         """The backbone's conditioning for caption ids, through the pipeline's (trainable or frozen) text encoders."""
-        embeds = pipe.text_encoder_2(self.t5_ids[pidx]).last_hidden_state
+        embeds = components.encode_t5(pipe.text_encoder_2, self.t5_ids[pidx])
         pooled = pipe.text_encoder(self.clip_ids[pidx]).pooler_output
         return backbone.conditioning(embeds, pooled)
 
@@ -153,8 +153,9 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
         from diffusers import FluxPipeline
 
         start = FluxPipeline.from_pretrained(init)
-        pipe = assemble_pipeline(out, start.transformer, (start.text_encoder, start.text_encoder_2))
-        log(f"flux: continuing from {init}")
+        t5 = components.grow_t5(start.text_encoder_2)
+        pipe = assemble_pipeline(out, start.transformer, (start.text_encoder, t5))
+        log(f"flux: continuing from {init}" + (f", its T5 grown to {t5.config.num_layers} layers" if t5 is not start.text_encoder_2 else ""))
     else:
         pipe = assemble_pipeline(out)
     backbone = FluxBackbone(pipe)
