@@ -225,3 +225,15 @@ def test_grown_t5_starts_as_the_zero_layer_one():
     ids = t5_tok(["two green triangles"], padding="max_length", max_length=64, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(grown(ids).last_hidden_state, flat(ids).last_hidden_state)
+
+
+def test_pretraining_can_draw_some_tags_more_often():
+    from leapalign.shapeworld import world
+    from leapalign.shapeworld.pretrain import make_dataset, parse_tag_weights
+
+    assert parse_tag_weights("position=5") == {"position": 5.0} and parse_tag_weights(None) is None
+    with pytest.raises(SystemExit, match="not TAG=WEIGHT"):
+        parse_tag_weights("relations=2")
+    caps, images = make_dataset(300, 0, {"position": 5})
+    share = sum(world.parse(c).tag == "position" for c in caps) / len(caps)
+    assert images.shape == (300, 3, 32, 32) and 0.4 < share < 0.6  # 5 / (5 + 5 other tags)

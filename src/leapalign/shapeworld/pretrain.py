@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from . import components, world
 
 
-def make_dataset(n: int, seed: int) -> tuple[list[str], torch.Tensor]:
-    """n random (caption, image) pairs from the train prompts, images (n, 3, 32, 32) in [-1, 1]."""
+def make_dataset(n: int, seed: int, tag_weights: dict[str, float] | None = None) -> tuple[list[str], torch.Tensor]:
+    """n random (caption, image) pairs from the train prompts (tags uniform, or by `tag_weights`), images (n, 3, 32, 32) in [-1, 1]."""
     rng = random.Random(seed)
     caps, imgs = [], []
     for _ in range(n):
-        cap, objs = world.random_scene(rng)
+        cap, objs = world.random_scene(rng, tag_weights)
         caps.append(cap)
         imgs.append(world.render_scene(objs))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
@@ -86,8 +86,8 @@ def assemble_pipeline(out: Path, transformer=None, text_encoders=None, vae=None)
 class CaptionedLatents:
     """n random training scenes as VAE latents, with each scene's caption as token ids of both tokenizers."""
 
-    def __init__(self, pipe, backbone, n: int, seed: int):
-        caps, imgs = make_dataset(n, seed)
+    def __init__(self, pipe, backbone, n: int, seed: int, tag_weights: dict[str, float] | None = None):
+        caps, imgs = make_dataset(n, seed, tag_weights)
         with torch.no_grad():
             self.latents = torch.cat([backbone.encode_images(imgs[i : i + 500] / 2 + 0.5) for i in range(0, len(imgs), 500)])
         vocab = sorted(set(caps)) + [""]
@@ -141,10 +141,11 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
 
 
 def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e-3, ema_decay: float = 0.999,
-               init: Path | None = None) -> None:
+               init: Path | None = None, tag_weights: dict[str, float] | None = None) -> None:
     """Flow matching on VAE latents; the two text encoders train jointly with the transformer.
 
     `init`: continue from a ShapeWorld pipeline folder (its transformer and text encoders).
+    `tag_weights`: how often each task tag's scenes are drawn (default: uniform), e.g. more relations.
     """
     from ..backbones.flux import FluxBackbone
 
@@ -160,7 +161,7 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
         pipe = assemble_pipeline(out)
     backbone = FluxBackbone(pipe)
     pipe.vae.requires_grad_(False).eval()
-    data = CaptionedLatents(pipe, backbone, 60000, seed + 1)
+    data = CaptionedLatents(pipe, backbone, 60000, seed + 1, tag_weights)
     log(f"flux data: {len(data.latents)} latents {tuple(data.latents.shape[1:])}, std {data.latents.std().item():.3f}, {data.num_captions} captions")
 
     modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]).train()
@@ -265,6 +266,19 @@ def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, l
     return losses
 
 
+def parse_tag_weights(text: str | None) -> dict[str, float] | None:
+    """"position=3,color_attr=2" -> {"position": 3.0, "color_attr": 2.0}; unnamed tags keep weight 1."""
+    if not text:
+        return None
+    weights = {}
+    for item in text.split(","):
+        tag, _, value = item.partition("=")
+        if tag.strip() not in world.TAGS or not value:
+            raise SystemExit(f"--tag-weights: {item!r} is not TAG=WEIGHT with a tag of {', '.join(world.TAGS)}")
+        weights[tag.strip()] = float(value)
+    return weights
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["vae", "flux", "distill", "all"], default="all")
@@ -276,6 +290,8 @@ def main(argv=None) -> None:
     ap.add_argument("--flux-lr", type=float, default=1e-3)
     ap.add_argument("--init", type=Path, default=None,
                     help="flux stage: continue from this pipeline folder; distill stage: the teacher (default: --out)")
+    ap.add_argument("--tag-weights", default=None, metavar="TAG=W,...",
+                    help="flux stage: draw these task tags' scenes W times as often (e.g. position=3,color_attr=2)")
     ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument("--distill-lr", type=float, default=3e-4)
     ap.add_argument("--cfg-at-default", type=float, default=2.0,
@@ -292,7 +308,8 @@ def main(argv=None) -> None:
     if args.stage in ("vae", "all"):
         train_vae(args.out, args.vae_steps, args.batch, args.seed, log)
     if args.stage in ("flux", "all"):
-        train_flux(args.out, args.flux_steps, args.batch, args.seed, log, lr=args.flux_lr, init=args.init)
+        train_flux(args.out, args.flux_steps, args.batch, args.seed, log, lr=args.flux_lr, init=args.init,
+                   tag_weights=parse_tag_weights(args.tag_weights))
     if args.stage in ("distill", "all"):
         teacher = args.out if args.stage == "all" or args.init is None else args.init
         distill_guidance(args.out, teacher, args.distill_steps, args.batch, args.seed, log, lr=args.distill_lr,
