@@ -8,9 +8,9 @@ Why these choices (see docs/shapeworld.md for the measurements):
   bag of words; only contextual embeddings can tell it which colour belongs to which shape and
   which object is the relation's subject (a zero-layer T5, shipped first, left that to CLIP's
   one pooled vector, and the base could not bind colours or relations).  The window keeps every
-  padding row past the prompt's receptive field identical, which lets training (and the
-  leapalign adapter) merge the ~490 padding tokens of the pipeline's default
-  `max_sequence_length=512` into one token with a log-count attention bias, exactly.
+  padding row past the prompt's receptive field equal (to float rounding), which lets training
+  (and the leapalign adapter) merge the ~490 padding tokens of the pipeline's default
+  `max_sequence_length=512` into one token with a log-count attention bias.
 - Both text encoders are trained jointly with the transformer (frozen random encoders gave
   the transformer nothing to bind colours to shapes with).
 """
