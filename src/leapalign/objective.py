@@ -36,7 +36,7 @@ class Objective:
 @dataclass
 class StepResult:
     """What a step reports.  The numbers stay on the device as 0-dim tensors (no GPU sync between the
-    surrogates' backwards); the trainer reads them all at once after the step (`values.to_floats`)."""
+    surrogates' backwards); the trainer reads them all at once after the step (`train.read_numbers`)."""
 
     rewards: torch.Tensor  # (B,) at the real samples, detached
     components: dict = field(default_factory=dict)  # {reward name: (B,)} of a weighted sum
