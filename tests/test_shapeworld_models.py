@@ -237,3 +237,20 @@ def test_pretraining_can_draw_some_tags_more_often():
     caps, images = make_dataset(300, 0, {"position": 5})
     share = sum(world.parse(c).tag == "position" for c in caps) / len(caps)
     assert images.shape == (300, 3, 32, 32) and 0.4 < share < 0.6  # 5 / (5 + 5 other tags)
+
+
+def test_t5_window_is_read_from_the_weights_so_the_short_pass_follows_the_encoders_own_window():
+    from leapalign.shapeworld import components
+
+    clip_tok, t5_tok = components.make_tokenizers()
+    for window in (components.T5_WINDOW, 3, None):
+        _, t5 = components.make_text_encoders(clip_tok, t5_tok, t5_window=window)
+        assert components.t5_window(t5) == window
+    _, t5 = components.make_text_encoders(clip_tok, t5_tok, t5_window=2)
+    with torch.no_grad():  # weight decay shrinks the masked buckets; they stay masked
+        t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight[2:].mul_(0.99)
+    assert components.t5_window(t5) == 2
+    ids = t5_tok(["a red circle to the left of a blue square"], padding="max_length",
+                 max_length=components.T5_MAX_LENGTH, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(components.encode_t5(t5, ids), t5(ids).last_hidden_state, rtol=0, atol=1e-5)

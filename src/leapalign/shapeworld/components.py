@@ -182,14 +182,35 @@ def grow_t5(t5, layers: int = T5_LAYERS, window: int = T5_WINDOW):
     return window_t5_attention(grown, window)
 
 
+def t5_window(t5) -> int | None:
+    """The window `window_t5_attention` gave this encoder, read from its bias (None: not windowed).
+
+    Read from the weights, not assumed, since the window is not part of the T5 config; weight
+    decay shrinks the masked buckets a little, so a bucket counts as masked below half of _MASKED.
+    """
+    if not t5.config.num_layers:
+        return None
+    masked = (t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight < _MASKED / 2).all(1)
+    half = masked.numel() // 2
+    if not masked[half:].all():
+        return None
+    open_ = (~masked[:half]).nonzero()
+    window = int(open_.max()) + 1 if open_.numel() else 0
+    return window if window and masked[window:half].all() else None
+
+
 def encode_t5(t5, ids: torch.Tensor) -> torch.Tensor:
     """The T5 slot's output for padded ids (B, T), computed on the first T5_CONTENT_LENGTH positions.
 
     Exact for the windowed encoder: each row depends only on the `layers x (window - 1)` ids
     before it, so every row past the prompt plus that receptive field is the last computed one.
+    An encoder that is not windowed is computed on every position.
     """
+    window = t5_window(t5)
+    if window is None:
+        return t5(ids).last_hidden_state
     n = min(T5_CONTENT_LENGTH, ids.shape[1])
-    reach = t5.config.num_layers * (T5_WINDOW - 1) + 1
+    reach = t5.config.num_layers * (window - 1) + 1
     if (ids[:, n - reach :] != t5.config.pad_token_id).any():
         raise ValueError(f"a prompt is too long for the first {n} T5 positions; raise T5_CONTENT_LENGTH")
     head = t5(ids[:, :n]).last_hidden_state
