@@ -144,7 +144,7 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
                init: Path | None = None, tag_weights: dict[str, float] | None = None) -> None:
     """Flow matching on VAE latents; the two text encoders train jointly with the transformer.
 
-    `init`: continue from a ShapeWorld pipeline folder (its transformer and text encoders).
+    `init`: continue from a ShapeWorld pipeline folder (its transformer, text encoders and VAE).
     `tag_weights`: how often each task tag's scenes are drawn (default: uniform), e.g. more relations.
     """
     from ..backbones.flux import FluxBackbone
@@ -155,7 +155,7 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
 
         start = FluxPipeline.from_pretrained(init)
         t5 = components.grow_t5(start.text_encoder_2)
-        pipe = assemble_pipeline(out, start.transformer, (start.text_encoder, t5))
+        pipe = assemble_pipeline(out, start.transformer, (start.text_encoder, t5), start.vae)
         log(f"flux: continuing from {init}" + (f", its T5 grown to {t5.config.num_layers} layers" if t5 is not start.text_encoder_2 else ""))
     else:
         pipe = assemble_pipeline(out)
@@ -180,7 +180,7 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
             log(f"flux step {step + 1}/{steps} loss {run_loss / 100:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
             run_loss = 0.0
         if (step + 1) % 2000 == 0 or step == steps - 1:
-            final = assemble_pipeline(out, transformer=ema[0], text_encoders=(ema[1], ema[2]))
+            final = assemble_pipeline(out, transformer=ema[0], text_encoders=(ema[1], ema[2]), vae=pipe.vae)
             final.save_pretrained(out, safe_serialization=True)
             log(f"saved pipeline to {out} at step {step + 1}")
 
