@@ -47,11 +47,17 @@ VARIANTS: dict[str, list[str]] = {
 TAGS = ["single_object", "two_objects", "counting", "colors", "position", "color_attr"]
 
 
-def run_one(variant: str, seed: int, work: Path, extra: list[str], in_process: bool = False, threads: int = 0) -> dict:
-    """One training run; in its own process unless `in_process` (the smoke test: no per-run start-up cost)."""
+def run_one(variant: str, seed: int, work: Path, extra: list[str], in_process: bool = False, threads: int = 0,
+            reuse: bool = False) -> dict:
+    """One training run; in its own process unless `in_process` (the smoke test: no per-run start-up cost).
+
+    `reuse`: a finished run already in `work` (its summary.json written) is read, not run again.
+    """
     out = work / f"{variant}_seed{seed}"
     overrides = [*VARIANTS[variant], f"train.seed={seed}", f"output.dir={out}", "output.tensorboard=false", "output.overwrite=true", *extra]
-    if in_process:
+    if reuse and (out / "summary.json").exists():
+        print(f"{variant} seed {seed}: reusing the finished run in {out}", flush=True)
+    elif in_process:
         from leapalign import config
         from leapalign.train import train
 
@@ -141,6 +147,8 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cpu_count // jobs threads (s/iter is then measured side by side)")
     ap.add_argument("--name", default="methods", help="stem of the written table and plot, e.g. ablations")
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep every run's output folder here")
+    ap.add_argument("--reuse", action="store_true", help="with --keep-runs: read the runs that already finished there "
+                    "instead of running them again (an interrupted benchmark continues)")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -154,6 +162,8 @@ def main(argv=None) -> None:
     elif args.steps is not None:
         extra.append(f"train.steps={args.steps}")
     work = args.keep_runs or Path(tempfile.mkdtemp(prefix="leapalign_compare_"))
+    if args.reuse and args.keep_runs is None:
+        raise SystemExit("--reuse reads finished runs from --keep-runs DIR; give that folder too")
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
@@ -161,7 +171,7 @@ def main(argv=None) -> None:
     from leapalign.judges import headline
 
     def one(job):
-        r = run_one(*job, work, extra, in_process=args.quick, threads=threads)
+        r = run_one(*job, work, extra, in_process=args.quick, threads=threads, reuse=args.reuse)
         a = r["summary"]["after"]
         judged = "  ".join(f"{n} {headline(v):.3f}" for n, v in a.get("judges", {}).items())
         print(f"{r['variant']:20s} seed {r['seed']}: reward {a['reward']:.3f}  {judged}", flush=True)

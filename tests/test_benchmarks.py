@@ -17,13 +17,23 @@ def _import_benchmark(name: str):
         sys.path.pop(0)
 
 
-def test_compare_methods_quick_runs_every_variant(tmp_path):
+def test_compare_methods_quick_runs_every_variant_and_reuse_continues_from_kept_runs(tmp_path, capsys):
     compare_methods = _import_benchmark("compare_methods")
-    compare_methods.main(["--quick", "--out", str(tmp_path)])
+    compare_methods.main(["--quick", "--out", str(tmp_path), "--keep-runs", str(tmp_path / "runs")])
     text = (tmp_path / "methods_quick.md").read_text()
     for variant in compare_methods.VARIANTS:
         assert f"| {variant} |" in text, variant
     assert (tmp_path / "methods_quick.png").stat().st_size > 10_000
+    # an interrupted benchmark continues: finished runs are read back, the missing one runs
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "refl_seed0")
+    capsys.readouterr()
+    compare_methods.main(["--quick", "--variants", "leapalign,refl", "--out", str(tmp_path / "again"),
+                          "--keep-runs", str(tmp_path / "runs"), "--reuse"])
+    printed = capsys.readouterr().out
+    assert "leapalign seed 0: reusing" in printed and "refl seed 0: reusing" not in printed
+    rows = lambda p: [l for l in p.read_text().splitlines() if l.startswith("| leapalign |")]  # noqa: E731
+    assert rows(tmp_path / "again" / "methods_quick.md") == rows(tmp_path / "methods_quick.md")
 
 
 def test_memory_benchmark_runs_through_the_trainer(tmp_path):
