@@ -153,7 +153,7 @@ def test_guidance_distillation_learns_the_cfg_velocity_and_saves_a_loadable_pipe
     assert cfg_scale(torch.tensor(1.0), 2.0) == 1.0 and cfg_scale(torch.tensor(3.5), 2.0) == 2.0
     _undistilled_teacher(tmp_path / "teacher")
     losses = distill_guidance(tmp_path / "student", tmp_path / "teacher", steps=60, batch=16, seed=0, log=lambda m: None,
-                              lr=1e-3, num_scenes=256)
+                              lr=1e-3, num_scenes=256, tag_weights={"position": 2.0})
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
     pipe = FluxPipeline.from_pretrained(tmp_path / "student")
     assert pipe.transformer.config.guidance_embeds
@@ -254,3 +254,16 @@ def test_t5_window_is_read_from_the_weights_so_the_short_pass_follows_the_encode
                  max_length=components.T5_MAX_LENGTH, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(components.encode_t5(t5, ids), t5(ids).last_hidden_state, rtol=0, atol=1e-5)
+
+
+def test_flux_stage_continues_from_a_pipeline_folder_into_a_new_one(tmp_path):
+    """`pretrain --stage flux --init DIR --out NEW`: NEW has no VAE of its own; DIR's is used and saved."""
+    from diffusers import FluxPipeline
+
+    from leapalign.shapeworld.pretrain import train_flux
+
+    _undistilled_teacher(tmp_path / "teacher")
+    train_flux(tmp_path / "continued", steps=2, batch=4, seed=0, log=lambda m: None, init=tmp_path / "teacher",
+               tag_weights={"position": 3.0}, num_scenes=32)
+    pipe = FluxPipeline.from_pretrained(tmp_path / "continued")
+    assert pipe.vae.config.scaling_factor == FluxPipeline.from_pretrained(tmp_path / "teacher").vae.config.scaling_factor

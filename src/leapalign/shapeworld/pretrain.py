@@ -141,7 +141,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
 
 
 def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e-3, ema_decay: float = 0.999,
-               init: Path | None = None, tag_weights: dict[str, float] | None = None) -> None:
+               init: Path | None = None, tag_weights: dict[str, float] | None = None, num_scenes: int = 60000) -> None:
     """Flow matching on VAE latents; the two text encoders train jointly with the transformer.
 
     `init`: continue from a ShapeWorld pipeline folder (its transformer, text encoders and VAE).
@@ -161,7 +161,7 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
         pipe = assemble_pipeline(out)
     backbone = FluxBackbone(pipe)
     pipe.vae.requires_grad_(False).eval()
-    data = CaptionedLatents(pipe, backbone, 60000, seed + 1, tag_weights)
+    data = CaptionedLatents(pipe, backbone, num_scenes, seed + 1, tag_weights)
     log(f"flux data: {len(data.latents)} latents {tuple(data.latents.shape[1:])}, std {data.latents.std().item():.3f}, {data.num_captions} captions")
 
     modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]).train()
@@ -214,12 +214,13 @@ def with_guidance_embedding(transformer):
 
 def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, log, lr: float = 3e-4,
                      cfg_at_default: float = 2.0, max_guidance: float = 5.0, ema_decay: float = 0.999,
-                     num_scenes: int = 60000) -> list[float]:
+                     num_scenes: int = 60000, tag_weights: dict[str, float] | None = None) -> list[float]:
     """Guidance distillation, as FLUX.1-dev was made: the student's velocity at guidance g matches the
     teacher's classifier-free guided velocity v_u + w(g) (v_c - v_u), so one call does what CFG does in two.
 
     Teacher: the pipeline at `init` (frozen). Student: its transformer plus a guidance embedding;
-    text encoders and VAE are shared and frozen. Points x_t are noised training latents.
+    text encoders and VAE are shared and frozen. Points x_t are noised training latents, their
+    scenes drawn by `tag_weights` as in `train_flux` (the student learns guidance where it is asked).
     """
     from diffusers import FluxPipeline
 
@@ -235,7 +236,7 @@ def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, l
     student = with_guidance_embedding(teacher.transformer).train().requires_grad_(True)
     student_bb = FluxBackbone(teacher)
     student_bb.transformer = student
-    data = CaptionedLatents(teacher, teacher_bb, num_scenes, seed + 2)
+    data = CaptionedLatents(teacher, teacher_bb, num_scenes, seed + 2, tag_weights)
     log(f"distill: teacher {init}, {len(data.latents)} latents, CFG {cfg_at_default} at guidance {PIPELINE_GUIDANCE}, guidance in [1, {max_guidance}]")
 
     ema = copy.deepcopy(student).eval().requires_grad_(False)
@@ -291,7 +292,7 @@ def main(argv=None) -> None:
     ap.add_argument("--init", type=Path, default=None,
                     help="flux stage: continue from this pipeline folder; distill stage: the teacher (default: --out)")
     ap.add_argument("--tag-weights", default=None, metavar="TAG=W,...",
-                    help="flux stage: draw these task tags' scenes W times as often (e.g. position=3,color_attr=2)")
+                    help="flux and distill stages: draw these task tags' scenes W times as often (e.g. position=3,color_attr=2)")
     ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument("--distill-lr", type=float, default=3e-4)
     ap.add_argument("--cfg-at-default", type=float, default=2.0,
@@ -313,7 +314,7 @@ def main(argv=None) -> None:
     if args.stage in ("distill", "all"):
         teacher = args.out if args.stage == "all" or args.init is None else args.init
         distill_guidance(args.out, teacher, args.distill_steps, args.batch, args.seed, log, lr=args.distill_lr,
-                         cfg_at_default=args.cfg_at_default)
+                         cfg_at_default=args.cfg_at_default, tag_weights=parse_tag_weights(args.tag_weights))
 
 
 if __name__ == "__main__":
