@@ -6,6 +6,8 @@ displacement averaged; "moved" is the share of samples with an object displaced 
 relation margin ShapeEval uses).  Printed beside it: ShapeEval's `position` accuracy and overall.
 
     python benchmarks/layout_shift.py --loras leapalign=runs/a/lora refl=runs/b/lora     # -> results/layout_shift.md
+
+A NAME given several times (one LoRA per seed) is one row: mean ± std over its LoRAs.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ def main(argv=None) -> None:
              "|---|---|---|---|---|"]
     score = shapeworld.evaluate(base, prompts)
     lines.append(f"| base | 0 | 0 | {score['position']:.3f} | {score['overall']:.3f} |")
+    measured: dict[str, list[tuple[float, float, float, float]]] = {}  # name -> one row per LoRA (seeds)
     for spec in args.loras:
         name, _, path = spec.partition("=")
         backbone.pipe.load_lora_weights(path or name, adapter_name="probe")
@@ -63,8 +66,14 @@ def main(argv=None) -> None:
         flat = [s for per in shifts for s in per]
         moved = np.mean([any(s > 3.0 for s in per) for per in shifts])
         score = shapeworld.evaluate(tuned, prompts)
-        lines.append(f"| {name} | {np.mean(flat) if flat else 0:.2f} | {moved:.3f} | {score['position']:.3f} | {score['overall']:.3f} |")
-        print(lines[-1], flush=True)
+        measured.setdefault(name, []).append((np.mean(flat) if flat else 0.0, moved, score["position"], score["overall"]))
+        print(f"{name} ({path or name}): shift {measured[name][-1][0]:.2f} px, moved {moved:.3f}, "
+              f"position {score['position']:.3f}, overall {score['overall']:.3f}", flush=True)
+    for name, runs in measured.items():
+        cols = np.asarray(runs)
+        cell = lambda j, d: (f"{cols[:, j].mean():.{d}f} ± {cols[:, j].std(ddof=1):.{d}f}"  # noqa: E731
+                             if len(cols) > 1 else f"{cols[0, j]:.{d}f}")
+        lines.append(f"| {name}{f' ({len(cols)} seeds)' if len(cols) > 1 else ''} | {cell(0, 2)} | {cell(1, 3)} | {cell(2, 3)} | {cell(3, 3)} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
 

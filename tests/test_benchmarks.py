@@ -78,9 +78,12 @@ def test_reward_alignment_probe_ascends_the_reward_and_measures_a_lora(tmp_path,
 
 def test_layout_shift_is_zero_for_the_base_and_measured_for_a_lora(tmp_path, moving_lora):
     out = tmp_path / "shift.md"
-    _import_benchmark("layout_shift").main(["--quick", "--loras", f"moved={moving_lora}", "--out", str(out)])
+    _import_benchmark("layout_shift").main(["--quick", "--loras", f"moved={moving_lora}", f"twice={moving_lora}",
+                                            f"twice={moving_lora}", "--out", str(out)])
     rows = {l.split("|")[1].strip(): l.split("|") for l in out.read_text().splitlines() if l.startswith("| ")}
     assert float(rows["base"][2]) == 0 and float(rows["moved"][2]) > 0.0, rows
+    # a name given per seed is one row, mean ± std over its LoRAs (the same LoRA twice: no spread)
+    assert rows["twice (2 seeds)"][2].strip() == f"{float(rows['moved'][2]):.2f} ± 0.00", rows
 
 
 def test_reward_hacks_table_has_every_hack(tmp_path):
