@@ -4,7 +4,9 @@ Each (variant, seed) is one `leapalign train` run in its own process (so its pea
 own), all with the demo's settings unless overridden.  Writes `methods.md` (mean +/- std over
 seeds of the held-out training reward and every judge after training, ShapeEval per tag, seconds per
 iteration, peak memory) and
-`methods.png` (reward versus iteration and versus wall-clock, bands over seeds).
+`methods.png` (training reward versus iteration and versus wall-clock, and the first judge on the held-out
+prompts versus iteration, bands over seeds); the table ends with the iteration at which LeapAlign reaches each
+other method's final held-out judge value.
 
     python benchmarks/compare_methods.py                     # all methods and ablations, 3 seeds
     python benchmarks/compare_methods.py --variants leapalign,refl --seeds 0,1,2 --steps 60
@@ -103,7 +105,45 @@ def table(runs: list[dict], command: str) -> str:
         if per_tag:
             cells += [fmt([a["judges"]["shapeeval"][t] for a in after], 2) for t in TAGS]
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean(secs):.2f} | {peak:.0f} |")
+    if judges and "leapalign" in variants and len(variants) > 1:
+        lines += ["", reaches_line(runs, judges[0])]
     return "\n".join(lines) + "\n"
+
+
+def held_out_curve(rs: list[dict], judge: str) -> tuple[np.ndarray, np.ndarray]:
+    """Iterations and the per-seed held-out `judge` headline at before, every eval.every and after: (steps,), (seeds, steps)."""
+    from leapalign.judges import headline
+
+    def points(r):
+        s = r["summary"]
+        return [(0, s["before"])] + [(e["step"], e) for e in s.get("during", [])] + [(s["steps"], s["after"])]
+
+    per_seed = [dict((step, headline(e["judges"][judge])) for step, e in points(r)) for r in rs]
+    steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+    return np.array(steps), np.array([[p[t] for t in steps] for p in per_seed])
+
+
+def reaches_line(runs: list[dict], judge: str) -> str:
+    """The iteration at which LeapAlign's mean held-out judge first reaches each other method's final mean."""
+    curve = lambda v: held_out_curve([r for r in runs if r["variant"] == v], judge)  # noqa: E731
+    steps, vals = curve("leapalign")
+    mean = vals.mean(0)
+    parts = []
+    for v in dict.fromkeys(r["variant"] for r in runs):
+        if v == "leapalign":
+            continue
+        target = curve(v)[1].mean(0)[-1]
+        hit = np.nonzero(mean >= target)[0]
+        if not len(hit):
+            parts.append(f"{v} ({target:.3f}): not reached")
+        elif hit[0] == 0:
+            parts.append(f"{v} ({target:.3f}): at the base")
+        else:  # linear between the evaluation before and the one that reaches it
+            i = hit[0]
+            at = steps[i - 1] + (target - mean[i - 1]) / (mean[i] - mean[i - 1]) * (steps[i] - steps[i - 1])
+            parts.append(f"{v} ({target:.3f}): iteration {at:.0f}")
+    return (f"LeapAlign's mean held-out {judge} reaches each method's final mean at (linear between evaluations): "
+            + "; ".join(parts) + ".")
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -112,7 +152,8 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    judges = list(runs[0]["summary"]["before"].get("judges", {}))
+    fig, axes = plt.subplots(1, 3 if judges else 2, figsize=(18 if judges else 12, 4.5))
     for v in dict.fromkeys(r["variant"] for r in runs):
         rs = [r for r in runs if r["variant"] == v]
         n = min(len(r["metrics"]) for r in rs)
@@ -125,10 +166,18 @@ def plot(runs: list[dict], path: Path) -> None:
         for ax, x in ((axes[0], it), (axes[1], clock[k - 1:])):
             (line,) = ax.plot(x, mean, label=v, lw=1.5)
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        if judges:
+            steps, vals = held_out_curve(rs, judges[0])
+            axes[2].plot(steps, vals.mean(0), marker="o", label=v, lw=1.5, color=line.get_color())
+            axes[2].fill_between(steps, vals.mean(0) - vals.std(0), vals.mean(0) + vals.std(0), color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("wall-clock seconds")
-    for ax in axes:
+    for ax in axes[:2]:
         ax.set_ylabel("training reward (moving average)")
+    if judges:
+        axes[2].set_xlabel("iteration")
+        axes[2].set_ylabel(f"held-out {judges[0]} (judge)")
+    for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()

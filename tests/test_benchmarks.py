@@ -24,6 +24,7 @@ def test_compare_methods_quick_runs_every_variant_and_reuse_continues_from_kept_
     for variant in compare_methods.VARIANTS:
         assert f"| {variant} |" in text, variant
     assert (tmp_path / "methods_quick.png").stat().st_size > 10_000
+    assert "LeapAlign's mean held-out shapeeval reaches each method's final mean" in text and "refl (" in text
     # an interrupted benchmark continues: finished runs are read back, the missing one runs
     import shutil
     shutil.rmtree(tmp_path / "runs" / "refl_seed0")
