@@ -21,6 +21,8 @@ from leapalign import config, evaluation, shapeworld
 from leapalign.backbones import load_backbone
 from leapalign.shapeworld.shapeeval import detect
 
+from compare_methods import fmt  # mean ± std over seeds, as in the methods table (benchmarks/ is on the path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,9 +73,7 @@ def main(argv=None) -> None:
               f"position {score['position']:.3f}, overall {score['overall']:.3f}", flush=True)
     for name, runs in measured.items():
         cols = np.asarray(runs)
-        cell = lambda j, d: (f"{cols[:, j].mean():.{d}f} ± {cols[:, j].std(ddof=1):.{d}f}"  # noqa: E731
-                             if len(cols) > 1 else f"{cols[0, j]:.{d}f}")
-        lines.append(f"| {name}{f' ({len(cols)} seeds)' if len(cols) > 1 else ''} | {cell(0, 2)} | {cell(1, 3)} | {cell(2, 3)} | {cell(3, 3)} |")
+        lines.append(f"| {name}{f' ({len(cols)} seeds)' if len(cols) > 1 else ''} | {fmt(cols[:, 0], 2)} | {fmt(cols[:, 1])} | {fmt(cols[:, 2])} | {fmt(cols[:, 3])} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
 
