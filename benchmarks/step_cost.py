@@ -33,6 +33,7 @@ VARIANTS = {  # label -> method options; "reuse": False = train.reuse_rollout_ca
     "leapalign M=4": {"name": "leapalign", "pairs_per_rollout": 4},
     "drtune": {"name": "drtune"},
     "alignprop (whole rollout)": {"name": "alignprop", "truncation": "uniform", "min_k": 10**6},
+    "alignprop (whole rollout), calls recomputed": {"name": "alignprop", "truncation": "uniform", "min_k": 10**6, "reuse": False},
 }
 PROMPTS = ["a red circle to the left of a blue square", "two yellow squares", "a small green triangle", "a cyan circle above a purple square"]
 

@@ -330,11 +330,14 @@ def test_a_method_yielding_more_surrogates_than_it_declares_stops_before_their_g
 
 
 @pytest.mark.parametrize("opts", [{"name": "leapalign", "pairs_per_rollout": 2, "alpha": a} for a in (0.0, 0.3, 1.0)]
-                         + [{"name": "refl"}, {"name": "drtune", "k": 2}, {"name": "drtune", "k": 2, "train_stop": True}])
+                         + [{"name": "refl"}, {"name": "drtune", "k": 2}, {"name": "drtune", "k": 2, "train_stop": True},
+                            {"name": "draft_k", "k": 3}, {"name": "draft_k", "k": 3, "checkpointing": True}, {"name": "draft_lv"},
+                            {"name": "alignprop"}, {"name": "alignprop", "truncation": "uniform", "checkpointing": False}])
 def test_the_rollouts_kept_calls_give_the_recomputed_gradient_with_fewer_forwards(tiny_flux_pipe, opts):
     """`rollout_for` keeps the calls the surrogates will back-propagate (LeapAlign's x_k and x_j, the second through its
-    connected input; ReFL's and DRTune's at sg(x_i)); the surrogates make none of their own, each kept call is used
-    once, and the gradient is the one of recomputed calls."""
+    connected input; ReFL's and DRTune's at sg(x_i); DRaFT's and AlignProp's chains, all but their first through the
+    chain's input, checkpointed ones recomputed in the backward); the surrogates make none of their own, each kept
+    call is used once, and the gradient is the one of recomputed calls."""
     from conftest import PROMPTS
 
     from leapalign.objective import rollout_for

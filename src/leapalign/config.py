@@ -86,7 +86,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% more time
     vae_checkpointing: bool = False  # recompute the VAE decoder's blocks in the reward gradient's backward (its activations lead at 1024 px)
     compile: bool = False  # torch.compile the transformer (rollout and training calls): compiles once, then faster steps
-    reuse_rollout_calls: bool = True  # the rollout keeps the model calls the surrogates back-propagate (a forward saved each; held to the backward)
+    reuse_rollout_calls: bool = True  # the rollout keeps the model calls the surrogates back-propagate (a forward saved each; held to the backward, checkpointed ones as inputs)
     parallel: str = "ddp"  # with several processes: ddp (every rank holds the model) | fsdp (blocks sharded, FSDP2)
     fsdp_cpu_offload: bool = False  # fsdp: keep parameter shards in CPU memory between uses
     fsdp_reshard: bool = True  # fsdp: free gathered weights after each forward (ZeRO-3); false keeps them to backward (ZeRO-2)

@@ -56,7 +56,8 @@ def rollout_for(backbone, method: Method, prompts: list[str], num_steps: int, he
         peek = torch.Generator(pair_generator.device)
         peek.set_state(pair_generator.get_state())
         keep = method.rollout_graphs(num_steps, peek)
-    return rollout(backbone, prompts, num_steps, height, width, noise=noise, keep_velocities=method.needs_velocities, keep_graphs=keep)
+    return rollout(backbone, prompts, num_steps, height, width, noise=noise, keep_velocities=method.needs_velocities, keep_graphs=keep,
+                   checkpoint_kept=method.checkpoint_kept_calls)
 
 
 def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], height: int, width: int, lam: float, scale: float,

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from . import schedule
 from .backbones.base import Backbone, Conditioning
@@ -64,12 +66,15 @@ class _ThroughKept(torch.autograd.Function):
 @torch.no_grad()
 def rollout(backbone: Backbone, prompts: list[str], num_steps: int, height: int, width: int,
             generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-            keep_velocities: bool = False, progress: bool = False, keep_graphs=()) -> Trajectory:
+            keep_velocities: bool = False, progress: bool = False, keep_graphs=(), checkpoint_kept: bool = False) -> Trajectory:
     """Euler sampling exactly as the backbone's diffusers pipeline does it, recording every state.
 
     `keep_graphs`: steps whose model call is made with gradient and kept (`Trajectory.velocity` hands it to the
     surrogate that needs it): a forward saved per reused call, their activations held until the step's backward.
+    `checkpoint_kept`: those calls hold only their inputs and recompute their activations in the backward (a chain
+    of K calls, as AlignProp's, then holds K inputs instead of K calls' activations; the forward is still saved).
     """
+    call = partial(checkpoint, backbone.velocity, use_reentrant=False) if checkpoint_kept else backbone.velocity
     cond = backbone.at_resolution(backbone.encode_prompts(prompts), height, width)
     x = noise if noise is not None else backbone.initial_noise(len(prompts), height, width, generator)
     sigmas = backbone.sigmas(num_steps, height, width)
@@ -83,7 +88,7 @@ def rollout(backbone: Backbone, prompts: list[str], num_steps: int, height: int,
         if i in keep_graphs:
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_(True)
-                graphs[i] = (leaf, backbone.velocity(leaf, sigmas[i], cond))
+                graphs[i] = (leaf, call(leaf, sigmas[i], cond))
             v = graphs[i][1].detach()
         else:
             v = backbone.velocity(x, sigmas[i], cond)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method
-from .draft import chain_surrogate
+from .draft import chain_steps, chain_surrogate
 
 TRUNCATIONS = ("gaussian", "uniform")
 
@@ -59,6 +59,13 @@ class AlignProp(Method):
             return gaussian_k(num_steps, self.mean, self.std, generator)
         top = min(self.max_k or num_steps, num_steps)
         return int(torch.randint(min(self.min_k, top), top + 1, (1,), generator=generator))
+
+    @property
+    def checkpoint_kept_calls(self) -> bool:
+        return self.checkpointing
+
+    def rollout_graphs(self, num_steps, generator):
+        return chain_steps(self.draw_k(num_steps, generator), num_steps)
 
     def surrogates(self, backbone, traj, generator):
         yield chain_surrogate(backbone, traj, self.draw_k(traj.num_steps, generator), self.checkpointing)

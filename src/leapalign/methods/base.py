@@ -35,6 +35,7 @@ class Method:
     name = "base"
     needs_velocities = False  # True: the rollout keeps v_i of every step (traj.velocities)
     reward_on_sample = True  # False: every surrogate is scored itself, so dLoss/dx_N is not needed
+    checkpoint_kept_calls = False  # True: the calls the rollout keeps for it recompute their activations in the backward
 
     @property
     def surrogates_per_rollout(self) -> int:

@@ -23,16 +23,28 @@ from .refl import predict_sample
 
 
 def chain_surrogate(backbone: Backbone, traj: Trajectory, num: int, checkpointing: bool = False) -> Surrogate:
-    """Euler steps N-num ... N-1 with full gradient from sg(x_{N-num}); value connected to the real x_N."""
+    """Euler steps N-num ... N-1 with full gradient from sg(x_{N-num}); value connected to the real x_N.
+
+    A step whose call the rollout kept (`chain_steps`) uses it, the chain's gradient passed through to its input."""
     n = traj.num_steps
     check_steps(num, n)
     s, cond = traj.sigmas, traj.cond
     x = traj.states[n - num].detach()
     for i in range(n - num, n):
-        v = checkpoint(backbone.velocity, x, s[i], cond, use_reentrant=False) if checkpointing else backbone.velocity(x, s[i], cond)
+        if i in traj.graphs:
+            v = traj.velocity(backbone, i, x)
+        elif checkpointing:
+            v = checkpoint(backbone.velocity, x, s[i], cond, use_reentrant=False)
+        else:
+            v = backbone.velocity(x, s[i], cond)
         x = schedule.euler_step(x, v, s[i], s[i + 1])
     w = torch.ones(x.shape[0], device=x.device)
     return Surrogate(schedule.connect(x, traj.sample), w, True, {"k": n - num, "K": num})
+
+
+def chain_steps(num: int, num_steps: int) -> set[int]:
+    """The steps whose calls a chain of the last `num` steps back-propagates (what the rollout can keep for it)."""
+    return set(range(num_steps - min(num, num_steps), num_steps))
 
 
 def renoise(x_n: torch.Tensor, s: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -60,8 +72,15 @@ class DraftK(Method):
         if self.k < 1:
             raise ValueError(f"method.k must be >= 1, got {self.k}")
 
+    @property
+    def checkpoint_kept_calls(self) -> bool:
+        return self.checkpointing
+
     def check(self, num_steps):
         check_steps(self.k, num_steps)
+
+    def rollout_graphs(self, num_steps, generator):
+        return chain_steps(self.k, num_steps)
 
     def surrogates(self, backbone, traj, generator):
         yield chain_surrogate(backbone, traj, self.k, self.checkpointing)
@@ -86,6 +105,9 @@ class DraftLV(Method):
     @property
     def surrogates_per_rollout(self) -> int:
         return self.n + int(self.include_base)
+
+    def rollout_graphs(self, num_steps, generator):
+        return chain_steps(1, num_steps) if self.include_base else set()
 
     def surrogates(self, backbone, traj, generator):
         if self.include_base:
