@@ -3,7 +3,9 @@
 For the same initial noise (the eval rows' seeds), the base's and each tuned model's samples are compared
 object by object: ShapeEval's detections of the same colour are paired (nearest centroids) and their centroid
 displacement averaged; "moved" is the share of samples with an object displaced by more than 3 pixels (the
-relation margin ShapeEval uses).  Printed beside it: ShapeEval's `position` accuracy and overall.
+relation margin ShapeEval uses).  Printed beside it: ShapeEval's `position` accuracy, split into its two parts
+(both objects drawn as asked, anywhere, and the share of those in the stated relation: a model that ignores the
+relation words lands near 1/4, one of four directions), and overall.
 
     python benchmarks/layout_shift.py --loras leapalign=runs/a/lora refl=runs/b/lora     # -> results/layout_shift.md
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from leapalign import config, evaluation, shapeworld
 from leapalign.backbones import load_backbone
-from leapalign.shapeworld.shapeeval import detect
+from leapalign.shapeworld.shapeeval import detect, position_parts
 
 from compare_methods import fmt  # mean ± std over seeds, as in the methods table (benchmarks/ is on the path)
 
@@ -52,13 +54,23 @@ def main(argv=None) -> None:
         return evaluation.generate(backbone, prompts, seeds, steps, 32, 32).permute(0, 2, 3, 1).numpy()
 
     base = sample()
+    positional = [i for i, p in enumerate(prompts) if shapeworld.world.parse(p).tag == "position"]
+
+    def scores(images: np.ndarray) -> tuple[float, float, float, float]:
+        """ShapeEval position, both objects drawn (share of position prompts), relation right when both are, overall."""
+        parts = np.array([position_parts(images[i], prompts[i]) for i in positional], dtype=float).reshape(-1, 2)
+        both = parts[:, 0].mean() if len(parts) else float("nan")
+        related = parts[parts[:, 0] > 0, 1].mean() if parts[:, 0].any() else float("nan")
+        score = shapeworld.evaluate(images, prompts)
+        return score["position"], both, related, score["overall"]
+
     lines = [f"# Layout shift against the base ({len(rows)} eval prompts, same noise, {steps} steps)", "",
              "`python benchmarks/layout_shift.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
-             "| model | mean centroid shift (px) | samples with an object moved > 3 px | position | overall |",
-             "|---|---|---|---|---|"]
-    score = shapeworld.evaluate(base, prompts)
-    lines.append(f"| base | 0 | 0 | {score['position']:.3f} | {score['overall']:.3f} |")
-    measured: dict[str, list[tuple[float, float, float, float]]] = {}  # name -> one row per LoRA (seeds)
+             "| model | mean centroid shift (px) | samples with an object moved > 3 px | position | both objects drawn "
+             "| relation right when both are | overall |",
+             "|---|---|---|---|---|---|---|"]
+    lines.append("| base | 0 | 0 | " + " | ".join(f"{v:.3f}" for v in scores(base)) + " |")
+    measured: dict[str, list[tuple[float, ...]]] = {}  # name -> one row per LoRA (seeds)
     for spec in args.loras:
         name, _, path = spec.partition("=")
         backbone.pipe.load_lora_weights(path or name, adapter_name="probe")
@@ -67,13 +79,14 @@ def main(argv=None) -> None:
         shifts = [displacements(b, t) for b, t in zip(base, tuned)]
         flat = [s for per in shifts for s in per]
         moved = np.mean([any(s > 3.0 for s in per) for per in shifts])
-        score = shapeworld.evaluate(tuned, prompts)
-        measured.setdefault(name, []).append((np.mean(flat) if flat else 0.0, moved, score["position"], score["overall"]))
-        print(f"{name} ({path or name}): shift {measured[name][-1][0]:.2f} px, moved {moved:.3f}, "
-              f"position {score['position']:.3f}, overall {score['overall']:.3f}", flush=True)
+        position, both, related, overall = scores(tuned)
+        measured.setdefault(name, []).append((np.mean(flat) if flat else 0.0, moved, position, both, related, overall))
+        print(f"{name} ({path or name}): shift {measured[name][-1][0]:.2f} px, moved {moved:.3f}, position {position:.3f} "
+              f"(both drawn {both:.3f}, relation right {related:.3f}), overall {overall:.3f}", flush=True)
     for name, runs in measured.items():
         cols = np.asarray(runs)
-        lines.append(f"| {name}{f' ({len(cols)} seeds)' if len(cols) > 1 else ''} | {fmt(cols[:, 0], 2)} | {fmt(cols[:, 1])} | {fmt(cols[:, 2])} | {fmt(cols[:, 3])} |")
+        cells = [fmt(cols[:, 0], 2)] + [fmt(cols[:, c]) for c in range(1, cols.shape[1])]
+        lines.append(f"| {name}{f' ({len(cols)} seeds)' if len(cols) > 1 else ''} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
 

@@ -86,6 +86,10 @@ def test_layout_shift_is_zero_for_the_base_and_measured_for_a_lora(tmp_path, mov
     assert float(rows["base"][2]) == 0 and float(rows["moved"][2]) > 0.0, rows
     # a name given per seed is one row, mean ± std over its LoRAs (the same LoRA twice: no spread)
     assert rows["twice (2 seeds)"][2].strip() == f"{float(rows['moved'][2]):.2f} ± 0.00", rows
+    # position = both objects drawn x relation right when both are (the two parts of ShapeEval's position pass)
+    for name in ("base", "moved"):
+        position, both, related = (float(rows[name][c].split("±")[0]) if rows[name][c].strip() != "nan" else 0.0 for c in (4, 5, 6))
+        assert abs(position - both * related) < 1e-3, rows[name]
 
 
 def test_reward_hacks_table_has_every_hack(tmp_path):

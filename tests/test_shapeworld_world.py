@@ -80,6 +80,21 @@ def test_shapeeval_detects_shape_colour_and_position():
     assert ev.detect(blank) == []
 
 
+def test_position_parts_separate_drawing_both_objects_from_their_relation():
+    rows = [r for r in world.prompt_rows("eval") if world.parse(r["prompt"]).tag == "position"]
+    flip = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    for r in rows[:12]:
+        img = world.render(r["prompt"], 3000 + r["seed"])
+        spec = world.parse(r["prompt"])
+        assert ev.position_parts(img, r["prompt"]) == (True, True)
+        assert ev.position_parts(img, world.caption(world.PromptSpec("position", spec.objects, flip[spec.relation]))) == (True, False)
+        assert ev.position_parts(img, world.caption(world.PromptSpec("position", spec.objects[::-1], spec.relation))) == (True, False)
+    one = world.render_scene([world.Shape("triangle", "green", 8, 16, 6.5)])
+    assert ev.position_parts(one, "a green triangle to the left of a purple circle") == (False, False)
+    with pytest.raises(ValueError, match="not a position prompt"):
+        ev.position_parts(one, "a green triangle")
+
+
 def test_evaluate_rejects_count_mismatch():
     with pytest.raises(ValueError, match="2 images for 1 prompts"):
         shapeworld.evaluate(np.zeros((2, 32, 32, 3), np.float32), ["a circle"])

@@ -113,9 +113,22 @@ def check(img: np.ndarray, prompt: str) -> bool:
     if spec.tag == "color_attr":
         return len(dets) == 2 and any(_matches(a, o[0]) and _matches(b, o[1]) for a, b in (dets, dets[::-1]))
     if spec.tag == "position":
-        return any(_matches(a, o[0]) and _matches(b, o[1]) and _relation(a, b, spec.relation)
-                   for a in dets for b in dets if a is not b)
+        return _position_parts(dets, spec)[1]
     raise ValueError(spec.tag)
+
+
+def _position_parts(dets: list[Detection], spec: world.PromptSpec) -> tuple[bool, bool]:
+    pairs = [(a, b) for a in dets for b in dets if a is not b and _matches(a, spec.objects[0]) and _matches(b, spec.objects[1])]
+    return bool(pairs), any(_relation(a, b, spec.relation) for a, b in pairs)
+
+
+def position_parts(img: np.ndarray, prompt: str) -> tuple[bool, bool]:
+    """A position prompt's pass in two parts: (both objects drawn as asked, anywhere; and a pair of them in the stated
+    relation, i.e. the pass).  Separates "cannot draw the two objects" from "draws them but ignores the relation"."""
+    spec = world.parse(prompt)
+    if spec.tag != "position":
+        raise ValueError(f"{prompt!r} is not a position prompt")
+    return _position_parts(detect(img), spec)
 
 
 def evaluate(images, prompts: list[str]) -> dict:
