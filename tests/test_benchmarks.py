@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +91,9 @@ def test_layout_shift_is_zero_for_the_base_and_measured_for_a_lora(tmp_path, mov
     for name in ("base", "moved"):
         position, both, related = (float(rows[name][c].split("±")[0]) if rows[name][c].strip() != "nan" else 0.0 for c in (4, 5, 6))
         assert abs(position - both * related) < 1e-3, rows[name]
+        follows = float(rows[name][8])
+        assert np.isnan(follows) or 0.0 <= follows <= 1.0, rows[name]
+    assert "layout follows the relation word" in out.read_text()
 
 
 def test_reward_hacks_table_has_every_hack(tmp_path):

@@ -82,15 +82,19 @@ def test_shapeeval_detects_shape_colour_and_position():
 
 def test_position_parts_separate_drawing_both_objects_from_their_relation():
     rows = [r for r in world.prompt_rows("eval") if world.parse(r["prompt"]).tag == "position"]
-    flip = {"left": "right", "right": "left", "above": "below", "below": "above"}
     for r in rows[:12]:
         img = world.render(r["prompt"], 3000 + r["seed"])
         spec = world.parse(r["prompt"])
+        flipped = world.flip_relation(r["prompt"])
+        assert world.parse(flipped).objects == spec.objects and world.flip_relation(flipped) == r["prompt"]
         assert ev.position_parts(img, r["prompt"]) == (True, True)
-        assert ev.position_parts(img, world.caption(world.PromptSpec("position", spec.objects, flip[spec.relation]))) == (True, False)
+        assert ev.position_parts(img, flipped) == (True, False)
         assert ev.position_parts(img, world.caption(world.PromptSpec("position", spec.objects[::-1], spec.relation))) == (True, False)
+        # one layout read under both words: the offsets cancel, so it cannot pass both
+        assert ev.relation_offset(img, r["prompt"]) > 3.0 and ev.relation_offset(img, flipped) == -ev.relation_offset(img, r["prompt"])
     one = world.render_scene([world.Shape("triangle", "green", 8, 16, 6.5)])
     assert ev.position_parts(one, "a green triangle to the left of a purple circle") == (False, False)
+    assert ev.relation_offset(one, "a green triangle to the left of a purple circle") is None
     with pytest.raises(ValueError, match="not a position prompt"):
         ev.position_parts(one, "a green triangle")
 

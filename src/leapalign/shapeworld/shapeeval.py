@@ -92,9 +92,14 @@ def _matches(d: Detection, o: world.ObjectSpec, check_color: bool = True) -> boo
     return d.shape == o.shape and (o.size is None or d.size == o.size) and (not check_color or o.color is None or d.color == o.color)
 
 
-def _relation(a: Detection, b: Detection, rel: str) -> bool:
+def _offset(a: Detection, b: Detection, rel: str) -> float:
+    """How far a lies from b in the direction `rel` names (pixels; negative: the other way)."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
-    return {"left": -dx, "right": dx, "above": -dy, "below": dy}[rel] > 3.0
+    return {"left": -dx, "right": dx, "above": -dy, "below": dy}[rel]
+
+
+def _relation(a: Detection, b: Detection, rel: str) -> bool:
+    return _offset(a, b, rel) > 3.0
 
 
 def check(img: np.ndarray, prompt: str) -> bool:
@@ -120,6 +125,19 @@ def check(img: np.ndarray, prompt: str) -> bool:
 def _position_parts(dets: list[Detection], spec: world.PromptSpec) -> tuple[bool, bool]:
     pairs = [(a, b) for a in dets for b in dets if a is not b and _matches(a, spec.objects[0]) and _matches(b, spec.objects[1])]
     return bool(pairs), any(_relation(a, b, spec.relation) for a, b in pairs)
+
+
+def relation_offset(img: np.ndarray, prompt: str) -> float | None:
+    """How far a position prompt's first object lies from its second in the stated direction (pixels; > 3 passes),
+    for the best-placed pair drawn as asked; None when no such pair is drawn.  For the same noise, a model that
+    ignores the relation word draws the same layout for "A left of B" and "A right of B", so the two offsets cancel
+    and at most one of the two prompts passes."""
+    spec = world.parse(prompt)
+    if spec.tag != "position":
+        raise ValueError(f"{prompt!r} is not a position prompt")
+    dets = detect(img)
+    pairs = [(a, b) for a in dets for b in dets if a is not b and _matches(a, spec.objects[0]) and _matches(b, spec.objects[1])]
+    return max(_offset(a, b, spec.relation) for a, b in pairs) if pairs else None
 
 
 def position_parts(img: np.ndarray, prompt: str) -> tuple[bool, bool]:

@@ -313,14 +313,22 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def flip_relation(prompt: str) -> str:
+    """A position prompt with the opposite relation ("left of" <-> "right of", "above" <-> "below")."""
+    spec = parse(prompt)
+    if spec.tag != "position":
+        raise ValueError(f"{prompt!r} is not a position prompt")
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    return caption(PromptSpec("position", spec.objects, opposite[spec.relation]))
+
+
 def mismatch(prompt: str, rng: random.Random) -> str:
     """A prompt of the same tag that an image of `prompt` cannot satisfy (for evaluator tests)."""
     spec = parse(prompt)
     o = list(spec.objects)
     other = lambda seq, x: rng.choice([v for v in seq if v != x])  # noqa: E731
     if spec.tag == "position":
-        flip = {"left": "right", "right": "left", "above": "below", "below": "above"}
-        return caption(PromptSpec("position", spec.objects, flip[spec.relation]))
+        return flip_relation(prompt)
     if spec.tag == "color_attr":
         a, b = o
         return caption(PromptSpec("color_attr", (ObjectSpec(a.shape, b.color), ObjectSpec(b.shape, a.color))))
