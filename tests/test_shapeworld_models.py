@@ -239,6 +239,19 @@ def test_pretraining_can_draw_some_tags_more_often():
     assert images.shape == (300, 3, 32, 32) and 0.4 < share < 0.6  # 5 / (5 + 5 other tags)
 
 
+def test_pretraining_noise_levels_can_lean_to_the_noisy_steps():
+    """--sigma-mean m draws sigma = sigmoid(N(m, 1)): median 0.5 by default, sigmoid(1) = 0.73 at m = 1."""
+    from leapalign.shapeworld.pretrain import CaptionedLatents
+
+    data = CaptionedLatents.__new__(CaptionedLatents)  # the sampling alone, without building a dataset
+    data.latents, data.cap_ids, data.empty = torch.zeros(10, 16, 32), torch.arange(10), 10
+    for mean, median in ((0.0, 0.5), (1.0, 0.731)):
+        data.sigma_mean = mean
+        x0, _, noise, sigma, xt = data.noised_batch(4000, torch.Generator().manual_seed(0))
+        assert abs(float(sigma.median()) - median) < 0.03, (mean, float(sigma.median()))
+        assert torch.allclose(xt, sigma[:, None, None] * noise)  # x0 = 0: x_sigma is the scaled noise
+
+
 def test_t5_window_is_read_from_the_weights_so_the_short_pass_follows_the_encoders_own_window():
     from leapalign.shapeworld import components
 
