@@ -122,9 +122,21 @@ def check(img: np.ndarray, prompt: str) -> bool:
     raise ValueError(spec.tag)
 
 
+def _pairs(dets: list[Detection], spec: world.PromptSpec) -> list[tuple[Detection, Detection]]:
+    """Every (first object, second object) pair drawn as a position prompt asks, wherever it is."""
+    return [(a, b) for a in dets for b in dets if a is not b and _matches(a, spec.objects[0]) and _matches(b, spec.objects[1])]
+
+
 def _position_parts(dets: list[Detection], spec: world.PromptSpec) -> tuple[bool, bool]:
-    pairs = [(a, b) for a in dets for b in dets if a is not b and _matches(a, spec.objects[0]) and _matches(b, spec.objects[1])]
+    pairs = _pairs(dets, spec)
     return bool(pairs), any(_relation(a, b, spec.relation) for a, b in pairs)
+
+
+def _position_spec(prompt: str) -> world.PromptSpec:
+    spec = world.parse(prompt)
+    if spec.tag != "position":
+        raise ValueError(f"{prompt!r} is not a position prompt")
+    return spec
 
 
 def relation_offset(img: np.ndarray, prompt: str) -> float | None:
@@ -132,20 +144,15 @@ def relation_offset(img: np.ndarray, prompt: str) -> float | None:
     for the best-placed pair drawn as asked; None when no such pair is drawn.  For the same noise, a model that
     ignores the relation word draws the same layout for "A left of B" and "A right of B", so the two offsets cancel
     and at most one of the two prompts passes."""
-    spec = world.parse(prompt)
-    if spec.tag != "position":
-        raise ValueError(f"{prompt!r} is not a position prompt")
-    dets = detect(img)
-    pairs = [(a, b) for a in dets for b in dets if a is not b and _matches(a, spec.objects[0]) and _matches(b, spec.objects[1])]
+    spec = _position_spec(prompt)
+    pairs = _pairs(detect(img), spec)
     return max(_offset(a, b, spec.relation) for a, b in pairs) if pairs else None
 
 
 def position_parts(img: np.ndarray, prompt: str) -> tuple[bool, bool]:
     """A position prompt's pass in two parts: (both objects drawn as asked, anywhere; and a pair of them in the stated
     relation, i.e. the pass).  Separates "cannot draw the two objects" from "draws them but ignores the relation"."""
-    spec = world.parse(prompt)
-    if spec.tag != "position":
-        raise ValueError(f"{prompt!r} is not a position prompt")
+    spec = _position_spec(prompt)
     return _position_parts(detect(img), spec)
 
 
