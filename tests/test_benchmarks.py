@@ -150,3 +150,40 @@ def test_gpu_run_book_runs_every_configuration_at_a_reduced_size():
     for r in rows[2:4]:  # the 8-bit optimiser and the CPU-offloaded one ran: their states are measured, not computed
         assert r["adamw_fp32_gb"] == 0 and r["trainable_m"] == full
     assert 0 < lora < full and rows[1]["adamw_fp32_gb"] == pytest.approx(full * 1e6 * 16 / 2**30)
+
+
+def test_relation_loss_measures_how_much_the_flipped_relation_costs(tmp_path):
+    """A model that predicts the true scene exactly and the flipped caption's scene 0.1 off gives a gap of 0.01 everywhere."""
+    from leapalign.shapeworld import world
+
+    relation_loss = _import_benchmark("relation_loss")
+    captions, images = relation_loss.position_scenes(6, seed=0)
+    assert all(world.parse(c).tag == "position" for c in captions) and images.shape == (6, 3, 32, 32), captions
+
+    class ReadsTheRelation:
+        def encode_images(self, images):
+            self.x0 = torch.randn(len(images), 16, 32, generator=torch.Generator().manual_seed(1))
+            return self.x0
+
+        def encode_prompts(self, prompts):
+            return list(prompts)
+
+        def at_resolution(self, cond, height, width):
+            return cond
+
+        def velocity(self, xt, sigma, cond):
+            exact = (xt - self.x0) / sigma[:, None, None]  # = noise - x0, the flow-matching target
+            return exact + 0.1 * torch.tensor([c not in captions for c in cond], dtype=torch.float)[:, None, None]
+
+    rows = relation_loss.loss_gap(ReadsTheRelation(), captions, images)
+    assert [r[0] for r in rows] == list(relation_loss.SIGMAS)
+    for sigma, true, gap, worse in rows:
+        assert true < 1e-10 and abs(gap - 0.01) < 1e-6 and worse == 1.0, (sigma, true, gap, worse)
+
+
+def test_relation_loss_runs_on_the_shipped_base(tmp_path, monkeypatch):
+    out = tmp_path / "relation_loss.md"
+    monkeypatch.setattr(sys, "argv", ["relation_loss.py", "--scenes", "4", "--out", str(out)])
+    _import_benchmark("relation_loss").main()
+    rows = [l.split("|") for l in out.read_text().splitlines() if l.startswith("| shapeworld |")]
+    assert len(rows) == 6 and all(0.0 <= float(r[5]) <= 1.0 for r in rows), rows
