@@ -12,26 +12,23 @@ for most scenes. A relation-blind model gives 0 and 50%. This looks at the train
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from leapalign import config
 from leapalign.backbones import load_backbone
 from leapalign.shapeworld import world
+from leapalign.shapeworld.pretrain import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMAS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.97)
 
 
 def position_scenes(n: int, seed: int) -> tuple[list[str], torch.Tensor]:
-    """n random `position` training scenes: captions and images (n, 3, 32, 32) in [0, 1]."""
-    rng = random.Random(seed)
-    caps, objs = zip(*[world.random_scene(rng, {t: float(t == "position") for t in world.TAGS}) for _ in range(n)])
-    imgs = np.stack([world.render_scene(o) for o in objs])
-    return list(caps), torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
+    """n random `position` training scenes, drawn as pretraining draws them: captions and images (n, 3, 32, 32) in [0, 1]."""
+    captions, images = make_dataset(n, seed, {t: float(t == "position") for t in world.TAGS})
+    return captions, images / 2 + 0.5
 
 
 @torch.no_grad()
