@@ -7,6 +7,11 @@ mostly at the noisy levels where the layout is still undecided: flipped - true >
 for most scenes. A relation-blind model gives 0 and 50%. This looks at the training signal itself, where
 `layout_shift.py` looks at the samples.
 
+The first row is the data's own answer: the gap a perfect model would have at sigma -> 1, where the best
+prediction is the caption's mean latent, so the flip costs || E[x0 | caption] - E[x0 | flipped] ||^2 per element
+(from `--bayes-scenes` scenes grouped by caption, less the means' sampling variance). A model whose gap at the
+noisiest level stays far below it misses a signal that the data holds.
+
     python benchmarks/relation_loss.py --models shapeworld /path/to/another/base     # -> results/relation_loss.md
 """
 from __future__ import annotations
@@ -49,11 +54,38 @@ def loss_gap(backbone, captions: list[str], images: torch.Tensor, seed: int = 0)
     return rows
 
 
+@torch.no_grad()
+def bayes_gap(backbone, n: int, seed: int) -> tuple[float, float, float, int]:
+    """(mean Bayes-optimal gap at sigma 1, its standard error, the true caption's loss there, captions used).
+
+    Per caption c with >= 5 scenes whose flip has >= 5 too: the squared distance between the two captions'
+    mean latents per element, less each mean's sampling variance (unbiased); the loss is E var(x0 | c).
+    """
+    captions, images = position_scenes(n, seed)
+    x0 = torch.cat([backbone.encode_images(images[i : i + 1000]) for i in range(0, n, 1000)]).flatten(1)
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(captions):
+        groups.setdefault(c, []).append(i)
+    gaps, losses = [], []
+    for c, rows in groups.items():
+        other = groups.get(world.flip_relation(c), [])
+        if len(rows) < 5 or len(other) < 5:
+            continue
+        a, b = x0[rows], x0[other]
+        gaps.append(((a.mean(0) - b.mean(0)) ** 2).mean() - a.var(0).mean() / len(a) - b.var(0).mean() / len(b))
+        losses.append(a.var(0).mean())
+    if not gaps:
+        raise SystemExit(f"--bayes-scenes {n} is too few: no caption and its flip have 5 scenes each (use 30000)")
+    g = torch.stack(gaps)
+    return g.mean().item(), (g.std() / len(g) ** 0.5).item() if len(g) > 1 else float("nan"), torch.stack(losses).mean().item(), len(g)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["shapeworld"], help="ShapeWorld pipeline folders ('shapeworld': the shipped base)")
     ap.add_argument("--scenes", type=int, default=384)
     ap.add_argument("--seed", type=int, default=123)
+    ap.add_argument("--bayes-scenes", type=int, default=30000, help="scenes for the Bayes-optimal row (0: leave it out)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "relation_loss.md")
     args = ap.parse_args()
 
@@ -62,8 +94,12 @@ def main() -> None:
              f"`python benchmarks/relation_loss.py --models {' '.join(args.models)} --scenes {args.scenes}` "
              f"({args.scenes} `position` training scenes, the same noise for both captions; guidance 1 for distilled bases)", "",
              "| model | sigma | loss (true caption) | flipped - true | scenes worse under the flip |", "|---|---|---|---|---|"]
-    for model in args.models:
+    for k, model in enumerate(args.models):
         backbone = load_backbone(config.load(None, [f"model.path={model}", "model.guidance_scale=1.0"]).model)
+        if k == 0 and args.bayes_scenes:
+            gap, err, loss, pairs = bayes_gap(backbone, args.bayes_scenes, args.seed + 1)
+            lines.append(f"| Bayes-optimal, from {args.bayes_scenes} scenes ({pairs} captions) | 1 | {loss:.4f} | {gap:+.4f} ± {err:.4f} | |")
+            print(lines[-1], flush=True)
         for s, true, gap, worse in loss_gap(backbone, captions, images):
             lines.append(f"| {model} | {s} | {true:.4f} | {gap:+.4f} | {worse:.2f} |")
         print("\n".join(lines[-len(SIGMAS):]), flush=True)

@@ -181,9 +181,32 @@ def test_relation_loss_measures_how_much_the_flipped_relation_costs(tmp_path):
         assert true < 1e-10 and abs(gap - 0.01) < 1e-6 and worse == 1.0, (sigma, true, gap, worse)
 
 
+def test_relation_bayes_gap_is_the_distance_of_the_caption_means_without_sampling_bias(monkeypatch):
+    """Scenes of a caption and of its flip whose means differ by 0.5 per element under unit noise: gap 0.25, loss 1.
+
+    Without the correction for the means' own variance the estimate would read 0.25 + 2 / 20 = 0.35.
+    """
+    from leapalign.shapeworld import world
+
+    relation_loss = _import_benchmark("relation_loss")
+    caption = "a red square to the left of a cyan circle"
+    flipped = world.flip_relation(caption)
+    assert flipped != caption
+    gen = torch.Generator().manual_seed(0)
+    images = torch.cat([torch.randn(20, 3, 32, 32, generator=gen) + 0.5, torch.randn(20, 3, 32, 32, generator=gen)])
+    monkeypatch.setattr(relation_loss, "position_scenes", lambda n, seed: ([caption] * 20 + [flipped] * 20, images))
+
+    class Pixels:
+        def encode_images(self, x):
+            return x
+
+    gap, err, loss, pairs = relation_loss.bayes_gap(Pixels(), 40, seed=0)
+    assert pairs == 2 and abs(gap - 0.25) < 0.02 and abs(loss - 1.0) < 0.05, (gap, err, loss, pairs)
+
+
 def test_relation_loss_runs_on_the_shipped_base(tmp_path, monkeypatch):
     out = tmp_path / "relation_loss.md"
-    monkeypatch.setattr(sys, "argv", ["relation_loss.py", "--scenes", "4", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["relation_loss.py", "--scenes", "4", "--bayes-scenes", "0", "--out", str(out)])
     _import_benchmark("relation_loss").main()
     rows = [l.split("|") for l in out.read_text().splitlines() if l.startswith("| shapeworld |")]
     assert len(rows) == 6 and all(0.0 <= float(r[5]) <= 1.0 for r in rows), rows
