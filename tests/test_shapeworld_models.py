@@ -245,11 +245,29 @@ def test_pretraining_noise_levels_can_lean_to_the_noisy_steps():
 
     data = CaptionedLatents.__new__(CaptionedLatents)  # the sampling alone, without building a dataset
     data.latents, data.cap_ids, data.empty = torch.zeros(10, 16, 32), torch.arange(10), 10
+    data.sigma_tail = (0.0, 1.0)
     for mean, median in ((0.0, 0.5), (1.0, 0.731)):
         data.sigma_mean = mean
         x0, _, noise, sigma, xt = data.noised_batch(4000, torch.Generator().manual_seed(0))
         assert abs(float(sigma.median()) - median) < 0.03, (mean, float(sigma.median()))
         assert torch.allclose(xt, sigma[:, None, None] * noise)  # x0 = 0: x_sigma is the scaled noise
+
+
+def test_pretraining_can_put_a_share_of_the_noise_levels_near_pure_noise():
+    """--sigma-tail 0.25:0.9: a quarter of the levels uniform in [0.9, 1] on top of logit-normal's 1.4% there."""
+    from leapalign.shapeworld.pretrain import CaptionedLatents, parse_sigma_tail
+
+    assert parse_sigma_tail("0.25:0.9") == (0.25, 0.9)
+    for bad in ("0.25", "1.5:0.9", "0.5:1", "a:b"):
+        with pytest.raises(SystemExit, match="--sigma-tail"):
+            parse_sigma_tail(bad)
+    data = CaptionedLatents.__new__(CaptionedLatents)
+    data.latents, data.cap_ids, data.empty = torch.zeros(10, 16, 32), torch.arange(10), 10
+    data.sigma_mean, data.sigma_tail = 0.0, (0.25, 0.9)
+    _, _, noise, sigma, xt = data.noised_batch(8000, torch.Generator().manual_seed(0))
+    share = float((sigma >= 0.9).float().mean())
+    assert abs(share - (0.25 + 0.75 * 0.014)) < 0.015 and float(sigma.max()) <= 1.0, share
+    assert torch.allclose(xt, sigma[:, None, None] * noise)
 
 
 def test_t5_window_is_read_from_the_weights_so_the_short_pass_follows_the_encoders_own_window():

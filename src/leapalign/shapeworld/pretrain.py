@@ -86,9 +86,10 @@ def assemble_pipeline(out: Path, transformer=None, text_encoders=None, vae=None)
 class CaptionedLatents:
     """n random training scenes as VAE latents, with each scene's caption as token ids of both tokenizers."""
 
-    def __init__(self, pipe, backbone, n: int, seed: int, tag_weights: dict[str, float] | None = None, sigma_mean: float = 0.0):
+    def __init__(self, pipe, backbone, n: int, seed: int, tag_weights: dict[str, float] | None = None, sigma_mean: float = 0.0,
+                 sigma_tail: tuple[float, float] = (0.0, 0.9)):
         caps, imgs = make_dataset(n, seed, tag_weights)
-        self.sigma_mean = sigma_mean
+        self.sigma_mean, self.sigma_tail = sigma_mean, sigma_tail
         with torch.no_grad():
             self.latents = torch.cat([backbone.encode_images(imgs[i : i + 500] / 2 + 0.5) for i in range(0, len(imgs), 500)])
         vocab = sorted(set(caps)) + [""]
@@ -100,12 +101,20 @@ class CaptionedLatents:
         self.clip_ids = pipe.tokenizer(vocab, padding="max_length", max_length=components.CLIP_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
 
     def noised_batch(self, batch: int, gen: torch.Generator):
-        """(x0, caption ids with 10% empty, noise, logit-normal(sigma_mean, 1) sigma, x_sigma) for one flow-matching step."""
+        """(x0, caption ids with 10% empty, noise, sigma, x_sigma) for one flow-matching step.
+
+        sigma is logit-normal(sigma_mean, 1), except a share `sigma_tail[0]` of the draws, uniform in
+        [sigma_tail[1], 1]: the nearly pure-noise levels where a layout, and so a relation, is decided.
+        """
         idx = torch.randint(len(self.latents), (batch,), generator=gen)
         x0 = self.latents[idx]
         pidx = torch.where(torch.rand(batch, generator=gen) < 0.1, torch.tensor(self.empty), self.cap_ids[idx])
         noise = torch.randn(x0.shape, generator=gen)
         sigma = torch.sigmoid(torch.randn(batch, generator=gen) + self.sigma_mean)
+        share, low = self.sigma_tail
+        if share > 0:
+            tail = torch.rand(batch, generator=gen) < share
+            sigma = torch.where(tail, low + (1 - low) * torch.rand(batch, generator=gen), sigma)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         return x0, pidx, noise, sigma, xt
 
@@ -143,12 +152,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
 
 def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e-3, ema_decay: float = 0.999,
                init: Path | None = None, tag_weights: dict[str, float] | None = None, num_scenes: int = 60000,
-               sigma_mean: float = 0.0) -> None:
+               sigma_mean: float = 0.0, sigma_tail: tuple[float, float] = (0.0, 0.9)) -> None:
     """Flow matching on VAE latents; the two text encoders train jointly with the transformer.
 
     `init`: continue from a ShapeWorld pipeline folder (its transformer, text encoders and VAE).
     `tag_weights`: how often each task tag's scenes are drawn (default: uniform), e.g. more relations.
     `sigma_mean`: the location of the logit-normal noise levels; > 0 trains the noisy steps, where layout is decided, more.
+    `sigma_tail`: (share, low): that share of the noise levels uniform in [low, 1] instead (see `CaptionedLatents`).
     """
     from ..backbones.flux import FluxBackbone
 
@@ -164,7 +174,7 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
         pipe = assemble_pipeline(out)
     backbone = FluxBackbone(pipe)
     pipe.vae.requires_grad_(False).eval()
-    data = CaptionedLatents(pipe, backbone, num_scenes, seed + 1, tag_weights, sigma_mean)
+    data = CaptionedLatents(pipe, backbone, num_scenes, seed + 1, tag_weights, sigma_mean, sigma_tail)
     log(f"flux data: {len(data.latents)} latents {tuple(data.latents.shape[1:])}, std {data.latents.std().item():.3f}, {data.num_captions} captions")
 
     modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]).train()
@@ -217,7 +227,8 @@ def with_guidance_embedding(transformer):
 
 def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, log, lr: float = 3e-4,
                      cfg_at_default: float = 2.0, max_guidance: float = 5.0, ema_decay: float = 0.999,
-                     num_scenes: int = 60000, tag_weights: dict[str, float] | None = None, sigma_mean: float = 0.0) -> list[float]:
+                     num_scenes: int = 60000, tag_weights: dict[str, float] | None = None, sigma_mean: float = 0.0,
+                     sigma_tail: tuple[float, float] = (0.0, 0.9)) -> list[float]:
     """Guidance distillation, as FLUX.1-dev was made: the student's velocity at guidance g matches the
     teacher's classifier-free guided velocity v_u + w(g) (v_c - v_u), so one call does what CFG does in two.
 
@@ -239,7 +250,7 @@ def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, l
     student = with_guidance_embedding(teacher.transformer).train().requires_grad_(True)
     student_bb = FluxBackbone(teacher)
     student_bb.transformer = student
-    data = CaptionedLatents(teacher, teacher_bb, num_scenes, seed + 2, tag_weights, sigma_mean)
+    data = CaptionedLatents(teacher, teacher_bb, num_scenes, seed + 2, tag_weights, sigma_mean, sigma_tail)
     log(f"distill: teacher {init}, {len(data.latents)} latents, CFG {cfg_at_default} at guidance {PIPELINE_GUIDANCE}, guidance in [1, {max_guidance}]")
 
     ema = copy.deepcopy(student).eval().requires_grad_(False)
@@ -283,6 +294,17 @@ def parse_tag_weights(text: str | None) -> dict[str, float] | None:
     return weights
 
 
+def parse_sigma_tail(text: str) -> tuple[float, float]:
+    """"0.25:0.9" -> (0.25, 0.9), checked: a share in [0, 1] and a low end in [0, 1)."""
+    try:
+        share, low = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--sigma-tail: {text!r} is not SHARE:LOW, e.g. 0.25:0.9") from None
+    if not (0 <= share <= 1 and 0 <= low < 1):
+        raise SystemExit(f"--sigma-tail: {text!r} needs a share in [0, 1] and a low end in [0, 1), e.g. 0.25:0.9")
+    return share, low
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["vae", "flux", "distill", "all"], default="all")
@@ -298,6 +320,9 @@ def main(argv=None) -> None:
                     help="flux and distill stages: draw these task tags' scenes W times as often (e.g. position=3,color_attr=2)")
     ap.add_argument("--sigma-mean", type=float, default=0.0,
                     help="flux and distill stages: logit-normal location of the training noise levels (> 0: more weight on the noisy, layout-deciding steps)")
+    ap.add_argument("--sigma-tail", default="0:0.9", metavar="SHARE:LOW",
+                    help="flux and distill stages: draw this share of the noise levels uniformly in [LOW, 1], the nearly pure-noise levels "
+                         "where the relation word decides the layout (e.g. 0.25:0.9)")
     ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument("--distill-lr", type=float, default=3e-4)
     ap.add_argument("--cfg-at-default", type=float, default=2.0,
@@ -315,11 +340,12 @@ def main(argv=None) -> None:
         train_vae(args.out, args.vae_steps, args.batch, args.seed, log)
     if args.stage in ("flux", "all"):
         train_flux(args.out, args.flux_steps, args.batch, args.seed, log, lr=args.flux_lr, init=args.init,
-                   tag_weights=parse_tag_weights(args.tag_weights), sigma_mean=args.sigma_mean)
+                   tag_weights=parse_tag_weights(args.tag_weights), sigma_mean=args.sigma_mean, sigma_tail=parse_sigma_tail(args.sigma_tail))
     if args.stage in ("distill", "all"):
         teacher = args.out if args.stage == "all" or args.init is None else args.init
         distill_guidance(args.out, teacher, args.distill_steps, args.batch, args.seed, log, lr=args.distill_lr,
-                         cfg_at_default=args.cfg_at_default, tag_weights=parse_tag_weights(args.tag_weights), sigma_mean=args.sigma_mean)
+                         cfg_at_default=args.cfg_at_default, tag_weights=parse_tag_weights(args.tag_weights), sigma_mean=args.sigma_mean,
+                         sigma_tail=parse_sigma_tail(args.sigma_tail))
 
 
 if __name__ == "__main__":
