@@ -60,6 +60,7 @@ def bayes_gap(backbone, n: int, seed: int) -> tuple[float, float, float, int]:
 
     Per caption c with >= 5 scenes whose flip has >= 5 too: the squared distance between the two captions'
     mean latents per element, less each mean's sampling variance (unbiased); the loss is E var(x0 | c).
+    Latents are `backbone`'s VAE's (every ShapeWorld base shares the shipped VAE, so the row holds for all).
     """
     captions, images = position_scenes(n, seed)
     x0 = torch.cat([backbone.encode_images(images[i : i + 1000]) for i in range(0, n, 1000)]).flatten(1)
