@@ -270,6 +270,15 @@ def test_pretraining_can_put_a_share_of_the_noise_levels_near_pure_noise():
     assert torch.allclose(xt, sigma[:, None, None] * noise)
 
 
+def test_pretraining_rejects_bad_options_before_any_stage_runs_or_writes(tmp_path):
+    from leapalign.shapeworld.pretrain import main
+
+    for bad in (["--sigma-tail", "0.5:1"], ["--tag-weights", "relations=2"]):
+        with pytest.raises(SystemExit):
+            main(["--stage", "all", "--out", str(tmp_path / "base"), *bad])
+        assert not (tmp_path / "base").exists() and not list(tmp_path.iterdir()), bad
+
+
 def test_t5_window_is_read_from_the_weights_so_the_short_pass_follows_the_encoders_own_window():
     from leapalign.shapeworld import components
 

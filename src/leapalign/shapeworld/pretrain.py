@@ -328,6 +328,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cfg-at-default", type=float, default=2.0,
                     help="the CFG scale that the pipeline's default guidance 3.5 is distilled from")
     args = ap.parse_args(argv)
+    tag_weights, sigma_tail = parse_tag_weights(args.tag_weights), parse_sigma_tail(args.sigma_tail)  # bad input fails before any stage runs
     args.out.mkdir(parents=True, exist_ok=True)
     logf = open(args.out.parent / f"pretrain_{args.stage}.log", "a")
 
@@ -340,12 +341,11 @@ def main(argv=None) -> None:
         train_vae(args.out, args.vae_steps, args.batch, args.seed, log)
     if args.stage in ("flux", "all"):
         train_flux(args.out, args.flux_steps, args.batch, args.seed, log, lr=args.flux_lr, init=args.init,
-                   tag_weights=parse_tag_weights(args.tag_weights), sigma_mean=args.sigma_mean, sigma_tail=parse_sigma_tail(args.sigma_tail))
+                   tag_weights=tag_weights, sigma_mean=args.sigma_mean, sigma_tail=sigma_tail)
     if args.stage in ("distill", "all"):
         teacher = args.out if args.stage == "all" or args.init is None else args.init
         distill_guidance(args.out, teacher, args.distill_steps, args.batch, args.seed, log, lr=args.distill_lr,
-                         cfg_at_default=args.cfg_at_default, tag_weights=parse_tag_weights(args.tag_weights), sigma_mean=args.sigma_mean,
-                         sigma_tail=parse_sigma_tail(args.sigma_tail))
+                         cfg_at_default=args.cfg_at_default, tag_weights=tag_weights, sigma_mean=args.sigma_mean, sigma_tail=sigma_tail)
 
 
 if __name__ == "__main__":
