@@ -145,6 +145,26 @@ def test_guidance_embedding_starts_as_the_original_transformer(tmp_path):
             assert torch.allclose(student.velocity(x, sigma, cond), ref, atol=1e-6)
 
 
+def test_folding_the_guidance_embedding_gives_the_distilled_velocity_at_guidance_one():
+    """`pretrain --stage flux --init <distilled base>` continues from the shipped base's velocity at guidance 1."""
+    from leapalign.backbones.flux import FluxBackbone
+    from leapalign.shapeworld.pretrain import without_guidance_embedding
+
+    distilled = shapeworld.load_pipeline()
+    bb = FluxBackbone(distilled, guidance_scale=1.0)
+    cond = bb.at_resolution(bb.encode_prompts(["a red circle", "a blue square left of a green triangle"]), 32, 32)
+    x, sigma = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.95])
+    plain = without_guidance_embedding(distilled.transformer)
+    assert not plain.config.guidance_embeds
+    with torch.no_grad():
+        ref = bb.velocity(x, sigma, cond)
+        bb.transformer = plain
+        torch.testing.assert_close(bb.velocity(x, sigma, cond), ref, rtol=0, atol=1e-5)
+        bb.transformer = distilled.transformer
+        bb.guidance_scale = 3.5  # a different guidance is a different velocity: the fold is not a no-op
+        assert (bb.velocity(x, sigma, cond) - ref).abs().max() > 1e-2
+
+
 def test_guidance_distillation_learns_the_cfg_velocity_and_saves_a_loadable_pipeline(tmp_path):
     from diffusers import FluxPipeline
 

@@ -155,7 +155,8 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
                sigma_mean: float = 0.0, sigma_tail: tuple[float, float] = (0.0, 0.9)) -> None:
     """Flow matching on VAE latents; the two text encoders train jointly with the transformer.
 
-    `init`: continue from a ShapeWorld pipeline folder (its transformer, text encoders and VAE).
+    `init`: continue from a ShapeWorld pipeline folder (its transformer, text encoders and VAE); a distilled
+    one continues from its velocity at guidance 1.
     `tag_weights`: how often each task tag's scenes are drawn (default: uniform), e.g. more relations.
     `sigma_mean`: the location of the logit-normal noise levels; > 0 trains the noisy steps, where layout is decided, more.
     `sigma_tail`: (share, low): that share of the noise levels uniform in [low, 1] instead (see `CaptionedLatents`).
@@ -168,7 +169,11 @@ def train_flux(out: Path, steps: int, batch: int, seed: int, log, lr: float = 1e
 
         start = FluxPipeline.from_pretrained(init)
         t5 = components.grow_t5(start.text_encoder_2)
-        pipe = assemble_pipeline(out, start.transformer, (start.text_encoder, t5), start.vae)
+        transformer = start.transformer
+        if transformer.config.guidance_embeds:
+            transformer = without_guidance_embedding(transformer)
+            log(f"flux: {init} is guidance-distilled; its guidance embedding is folded in at 1 (no guidance)")
+        pipe = assemble_pipeline(out, transformer, (start.text_encoder, t5), start.vae)
         log(f"flux: continuing from {init}" + (f", its T5 grown to {t5.config.num_layers} layers" if t5 is not start.text_encoder_2 else ""))
     else:
         pipe = assemble_pipeline(out)
@@ -223,6 +228,29 @@ def with_guidance_embedding(transformer):
     torch.nn.init.zeros_(last.weight)
     torch.nn.init.zeros_(last.bias)
     return student
+
+
+def without_guidance_embedding(transformer, guidance: float = 1.0):
+    """A copy of a guidance-distilled FLUX transformer with its guidance embedding folded in at `guidance`.
+
+    FLUX adds the guidance embedding to the timestep and pooled-text embeddings, so at a fixed value it is a
+    constant: adding it to the pooled-text projection's last bias gives an undistilled transformer equal to the
+    distilled one at that value. At 1 (no guidance) that is the conditional velocity, so flow matching can go on
+    from a distilled base and be distilled again.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    plain = FluxTransformer2DModel(**{**config, "guidance_embeds": False})
+    state = {k: v for k, v in transformer.state_dict().items() if "guidance_embedder" not in k}
+    embed = transformer.time_text_embed
+    with torch.no_grad():
+        g = torch.tensor([guidance * 1000.0])  # the transformer scales guidance as it does timesteps
+        constant = embed.guidance_embedder(embed.time_proj(g).to(embed.guidance_embedder.linear_1.weight.dtype))[0]
+        key = "time_text_embed.text_embedder.linear_2.bias"
+        state[key] = state[key] + constant.to(state[key].dtype)
+    plain.load_state_dict(state, strict=True)
+    return plain
 
 
 def distill_guidance(out: Path, init: Path, steps: int, batch: int, seed: int, log, lr: float = 3e-4,
