@@ -297,6 +297,10 @@ def test_pretraining_rejects_bad_options_before_any_stage_runs_or_writes(tmp_pat
         with pytest.raises(SystemExit):
             main(["--stage", "all", "--out", str(tmp_path / "base"), *bad])
         assert not (tmp_path / "base").exists() and not list(tmp_path.iterdir()), bad
+    for teacher in (shapeworld.BASE_DIR, tmp_path / "missing"):  # distilled already; not a pipeline
+        with pytest.raises(SystemExit, match="--stage distill"):
+            main(["--stage", "distill", "--init", str(teacher), "--out", str(tmp_path / "base")])
+        assert not list(tmp_path.iterdir())
 
 
 def test_t5_window_is_read_from_the_weights_so_the_short_pass_follows_the_encoders_own_window():

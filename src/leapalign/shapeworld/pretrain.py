@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import random
 import time
@@ -322,6 +323,17 @@ def parse_tag_weights(text: str | None) -> dict[str, float] | None:
     return weights
 
 
+def check_undistilled(teacher: Path) -> None:
+    """Distillation needs the teacher's unconditional velocity, which a distilled pipeline no longer has."""
+    config_file = teacher / "transformer" / "config.json"
+    if not config_file.is_file():
+        raise SystemExit(f"--stage distill: {teacher} is not a pipeline folder (no transformer/config.json); "
+                         "pass the undistilled teacher with --init")
+    if json.loads(config_file.read_text()).get("guidance_embeds"):
+        raise SystemExit(f"--stage distill: {teacher} is already guidance-distilled; distil an undistilled pipeline "
+                         f"(continue this one with --stage flux --init {teacher}, which folds its guidance in at 1)")
+
+
 def parse_sigma_tail(text: str) -> tuple[float, float]:
     """"0.25:0.9" -> (0.25, 0.9), checked: a share in [0, 1] and a low end in [0, 1)."""
     try:
@@ -357,6 +369,8 @@ def main(argv=None) -> None:
                     help="the CFG scale that the pipeline's default guidance 3.5 is distilled from")
     args = ap.parse_args(argv)
     tag_weights, sigma_tail = parse_tag_weights(args.tag_weights), parse_sigma_tail(args.sigma_tail)  # bad input fails before any stage runs
+    if args.stage == "distill":
+        check_undistilled(args.init or args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     logf = open(args.out.parent / f"pretrain_{args.stage}.log", "a")
 
