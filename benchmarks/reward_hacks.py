@@ -2,8 +2,10 @@
 
 For every eval prompt (its row seed): the truth render and each hack of `leapalign.shapeworld.hacks`; printed
 per reward: the mean score of the truth and of each hack, and the share of prompts where the hack scores below
-the truth.  Then truth versus `world.mismatch` prompts, per tag, and the reward's time per 16 images
-(forward and backward).
+the truth.  Then whether the reward's gradient at each hack sees the way back to the truth: the first-order
+change <grad R(hack), truth - hack> as a share of the true change R(truth) - R(hack) (1 = the gradient sees all
+of the gap; near 0 = the value punishes the hack but training by the gradient cannot remove it).  Then truth
+versus `world.mismatch` prompts, per tag, and the reward's time per 16 images (forward and backward).
 
     python benchmarks/reward_hacks.py          # -> results/reward_hacks.md
 """
@@ -21,6 +23,19 @@ from leapalign.rewards import load_reward
 from leapalign.shapeworld import hacks, world
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def gradient_share(reward, hack: torch.Tensor, truth: torch.Tensor, prompts: list[str], min_gap: float = 0.05) -> float:
+    """The first-order change from the hack towards the truth, <grad R(hack), truth - hack>, over the true change
+    R(truth) - R(hack), both summed over the prompts where the hack scores at least `min_gap` below the truth."""
+    x = hack.clone().requires_grad_(True)
+    r_hack = reward(x, prompts)
+    (grad,) = torch.autograd.grad(r_hack.sum(), x)
+    with torch.no_grad():
+        gap = reward(truth, prompts) - r_hack.detach()
+        linear = (grad * (truth - hack)).flatten(1).sum(1)
+    keep = gap > min_gap
+    return (linear[keep].sum() / gap[keep].sum()).item() if keep.any() else float("nan")
 
 
 def main(argv=None) -> None:
@@ -46,6 +61,10 @@ def main(argv=None) -> None:
              "Mean score of the truth render and of each cheap image; in brackets the share of prompts where it scores "
              "below the truth (1.00 = never preferred), over the prompts whose scene leaves room for the hack.", "",
              "| reward | truth | " + " | ".join(hacks.HACKS) + " |", "|" + "---|" * (len(hacks.HACKS) + 2)]
+    towards = ["", "The gradient at each cheap image towards its truth render: <grad R(hack), truth - hack> as a share of "
+               "R(truth) - R(hack), each summed over the prompts where the hack scores 0.05 or more below the truth (1 = the gradient "
+               "sees the whole gap; near 0: the value punishes the hack, but gradient training cannot see how to undo it):", "",
+               "| reward | " + " | ".join(hacks.HACKS) + " |", "|" + "---|" * (len(hacks.HACKS) + 1)]
     ranking = ["", "Truth render scored under its prompt above under `world.mismatch(prompt)`, per tag; time per "
                "16 images, forward and backward:", "", "| reward | " + " | ".join(world.TAGS) + " | ms / 16 images |",
                "|" + "---|" * (len(world.TAGS) + 2)]
@@ -57,6 +76,10 @@ def main(argv=None) -> None:
         cells = [f"{scores['truth'].mean():.3f}"] + [
             f"{scores[h][built[h]].mean():.3f} ({(scores[h] < scores['truth'])[built[h]].float().mean():.2f})" for h in hacks.HACKS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        shares = [gradient_share(reward, images[h][built[h]], images["truth"][built[h]], [p for p, b in zip(prompts, built[h]) if b])
+                  for h in hacks.HACKS]
+        towards.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in shares) + " |")
+        print(towards[-1], flush=True)
         per_tag = [(scores["truth"][[i for i, t in enumerate(tags) if t == tag]] > wrong[[i for i, t in enumerate(tags) if t == tag]]).float().mean().item()
                    for tag in world.TAGS]
         x = images["truth"][:16].clone().requires_grad_(True)
@@ -69,7 +92,7 @@ def main(argv=None) -> None:
         print(lines[-1], flush=True)
         print(ranking[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines + ranking) + "\n")
+    args.out.write_text("\n".join(lines + towards + ranking) + "\n")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,20 @@ def test_reward_hacks_table_has_every_hack(tmp_path):
     from leapalign.shapeworld.hacks import HACKS
 
     assert all(name in text for name in HACKS) and "| shapematch |" in text
+    assert "The gradient at each cheap image towards its truth render" in text
+
+
+def test_gradient_share_is_one_for_a_linear_reward_and_two_for_a_quadratic_one():
+    """The first-order change over the true change: exact for a linear reward, twice it for -|x - t|^2."""
+    share = _import_benchmark("reward_hacks").gradient_share
+    gen = torch.Generator().manual_seed(0)
+    truth, hack, w = (torch.rand(4, 3, 8, 8, generator=gen) for _ in range(3))
+    linear = lambda x, prompts: (x * w).flatten(1).sum(1)  # noqa: E731
+    quadratic = lambda x, prompts: -((x - truth) ** 2).flatten(1).sum(1)  # noqa: E731
+    prompts = [""] * 4
+    assert ((linear(truth, prompts) - linear(hack, prompts)) > 0.05).any()
+    assert share(linear, hack, truth, prompts) == pytest.approx(1.0, abs=1e-5)
+    assert share(quadratic, hack, truth, prompts) == pytest.approx(2.0, abs=1e-5)
 
 
 def test_cfg_sweep_scale_one_is_the_plain_sampling_and_guidance_changes_it():
