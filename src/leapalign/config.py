@@ -54,6 +54,9 @@ class RewardConfig:
     lam: float | None = None
     scale: float | None = None
     path: str | None = None  # weights folder of a built-in reward (default: the shipped one)
+    # rescale every sample's reward gradient to the batch's mean norm, so that a few samples with steep
+    # gradients (a blank canvas) do not set the direction of every step; the step keeps its size
+    balance: bool = False
 
 
 @dataclass

@@ -20,6 +20,33 @@ def hinge(r: torch.Tensor, lam: float, scale: float) -> torch.Tensor:
     return torch.relu(lam - r) * scale
 
 
+def balance_rows(grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's gradient (row) rescaled to the mean norm of the non-zero rows; zero rows stay zero.
+
+    A reward's slope differs by an order of magnitude between samples (a blank canvas against a near miss), so
+    the batch's gradient points where its few steepest samples point; balanced, every sample's direction counts
+    the same and the step keeps its size."""
+    norms = grad.flatten(1).float().norm(dim=1)
+    live = norms > 0
+    if not bool(live.any()):
+        return grad
+    target = norms[live].mean()
+    factor = torch.where(live, target / norms.clamp_min(1e-30), torch.zeros_like(norms))
+    return grad * factor.to(grad.dtype).view(-1, *[1] * (grad.dim() - 1))
+
+
+class _BalanceRows(torch.autograd.Function):
+    """Identity forward; `balance_rows` on the gradient backward (for surrogates scored at their own endpoint)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return balance_rows(g)
+
+
 @dataclass
 class Objective:
     """What one step's gradient is made of besides the model: the method, the reward and its hinge, the anchor."""
@@ -31,6 +58,7 @@ class Objective:
     anchor: float = 0.0  # beta of the velocity anchor; 0 = off
     anchor_base: object = None  # a backbone over a frozen copy (full fine-tuning); None = the model with its LoRA off
     decode_batch: int = 0  # decode and score this many samples at a time; 0 = all
+    balance: bool = False  # every sample's reward gradient rescaled to the batch's mean norm (`balance_rows`)
 
 
 @dataclass
@@ -61,12 +89,13 @@ def rollout_for(backbone, method: Method, prompts: list[str], num_steps: int, he
 
 
 def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], height: int, width: int, lam: float, scale: float,
-                    need_grad: bool = True, chunk: int = 0):
+                    need_grad: bool = True, chunk: int = 0, balance: bool = False):
     """Decode the real sample once, score it, and return (rewards, per-sample hinge losses, dLoss_b/dx_N or None,
     the reward's components {name: (B,)}).
 
     `chunk` > 0 decodes and scores that many images at a time (the VAE's activations at full
     resolution are the biggest tensors of a step); a per-image reward gives the same result.
+    `balance` rescales each sample's gradient to the batch's mean norm (`balance_rows`).
     """
     x = sample.detach().requires_grad_(need_grad)
     size = chunk if chunk > 0 else len(prompts)
@@ -83,14 +112,18 @@ def reward_gradient(backbone, reward, sample: torch.Tensor, prompts: list[str], 
             parts.setdefault(name, []).append(values)
     r = torch.cat(rs)
     grad = None if not need_grad else (grads[0] if len(grads) == 1 else torch.stack(grads).sum(0))
+    if grad is not None and balance:
+        grad = balance_rows(grad)
     return r, hinge(r, lam, scale), grad, {k: torch.cat(v) for k, v in parts.items()}
 
 
-def backward_surrogates(backbone, method, reward, traj, grad, losses, generator, lam: float, scale: float, factor: float = 1.0):
+def backward_surrogates(backbone, method, reward, traj, grad, losses, generator, lam: float, scale: float, factor: float = 1.0,
+                        balance: bool = False):
     """Accumulate into .grad the gradient of factor * (mean over the method's surrogates of the batch-mean weighted loss).
 
     A connected surrogate reuses the rollout's reward gradient `grad`; an unconnected one (a
-    prediction, e.g. ReFL) is decoded and scored itself.  Returns (loss value as a 0-dim tensor, surrogate infos).
+    prediction, e.g. ReFL) is decoded and scored itself, its gradient at the endpoint balanced when `balance`
+    is set (as `reward_gradient` balances the connected ones').  Returns (loss value as a 0-dim tensor, surrogate infos).
     """
     B, H, W = traj.sample.shape[0], traj.height, traj.width
     m = method.surrogates_per_rollout
@@ -110,7 +143,8 @@ def backward_surrogates(backbone, method, reward, traj, grad, losses, generator,
             torch.autograd.backward(s.endpoint, grad_tensors=(grad * coeff).to(s.endpoint.dtype))
             loss += (w * losses).mean().detach() * factor
         else:
-            pl = hinge(scores(reward, backbone.decode(s.endpoint, H, W), traj.prompts)[0], lam, scale)
+            endpoint = _BalanceRows.apply(s.endpoint) if balance else s.endpoint
+            pl = hinge(scores(reward, backbone.decode(endpoint, H, W), traj.prompts)[0], lam, scale)
             ((w * pl).mean() * factor).backward()
             loss += (w * pl.detach()).mean() * factor
     if len(infos) != m:
@@ -152,13 +186,14 @@ def step(backbone, objective: Objective, traj: Trajectory, generators: dict, fac
     """
     o = objective
     r, losses, grad, components = reward_gradient(backbone, o.reward, traj.sample, traj.prompts, traj.height, traj.width,
-                                                  o.lam, o.scale, need_grad=o.method.reward_on_sample, chunk=o.decode_batch)
+                                                  o.lam, o.scale, need_grad=o.method.reward_on_sample, chunk=o.decode_batch,
+                                                  balance=o.balance)
     result = StepResult(r, components, active=(losses > 0).float().mean())
     if not agree(bool(torch.isfinite(r).all() and (grad is None or torch.isfinite(grad).all()))):
         result.bad = "reward"
         return result
     result.loss, result.infos = backward_surrogates(backbone, o.method, o.reward, traj, grad, losses, generators["pairs"],
-                                                    o.lam, o.scale, factor)
+                                                    o.lam, o.scale, factor, o.balance)
     if o.anchor > 0:
         result.anchor = anchor_backward(backbone, traj, generators["anchor"], o.anchor, factor, o.anchor_base)
     checked = result.loss if result.anchor is None else result.loss + result.anchor

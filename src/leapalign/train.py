@@ -306,7 +306,8 @@ class Run:
             probe = self.backbone.decode(self.backbone.initial_noise(2, self.H, self.W, torch.Generator(self.device).manual_seed(0)), self.H, self.W)
             self.reward(probe, [self.train_rows[0]["prompt"]] * 2)
         self._setup_trainable()
-        self.objective = Objective(self.method, self.reward, cfg.reward.lam, cfg.reward.scale, tc.anchor, self.anchor_base, tc.decode_batch)
+        self.objective = Objective(self.method, self.reward, cfg.reward.lam, cfg.reward.scale, tc.anchor, self.anchor_base, tc.decode_batch,
+                                   cfg.reward.balance)
         self.gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(self.device).manual_seed(tc.seed + 1),
                      "pairs": torch.Generator().manual_seed(tc.seed + 2), "anchor": torch.Generator().manual_seed(tc.seed + 3)}
         acc.wait_for_everyone()  # every rank has checked the output directory before the main one writes to it
