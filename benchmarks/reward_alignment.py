@@ -52,6 +52,15 @@ def reward_and_grad(backbone, reward, x: torch.Tensor, prompts: list[str]):
     return r.detach(), g, images.detach()
 
 
+def gradient_share_of_lowest(r: torch.Tensor, g: torch.Tensor, fraction: float = 0.2) -> float:
+    """Share of the batch's squared gradient norm sum_b |dR_b/dx_b|^2 carried by its lowest-scoring `fraction` of
+    samples: 0.2 if every sample pulled alike, near 1 if the worst samples set the direction of a batch step
+    (what `reward.balance` evens out)."""
+    n2 = g.flatten(1).double().pow(2).sum(1)
+    low = torch.argsort(r)[: max(1, round(fraction * len(r)))]
+    return (n2[low].sum() / n2.sum().clamp_min(1e-300)).item()
+
+
 def probe(backbone, reward, lat, prompts, tags, checkpoints: list[int]) -> dict:
     rows, x = {}, lat
     for it in range(max(checkpoints) + 1):
@@ -62,6 +71,7 @@ def probe(backbone, reward, lat, prompts, tags, checkpoints: list[int]) -> dict:
             if it == 0:
                 pos, neg = r[ok > 0], r[ok == 0]
                 rows["auc"] = (pos[:, None] > neg[None]).float().mean().item() if len(pos) and len(neg) else float("nan")
+                rows["low_share"] = gradient_share_of_lowest(r, g)
         x = x + ASCENT_STEP * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
     return rows
 
@@ -73,10 +83,11 @@ def main(argv=None) -> None:
     ap.add_argument("--loras", nargs="*", default=[], help="LoRA folders of trained policies (e.g. runs/demo/lora)")
     ap.add_argument("--seeds", type=int, default=2, help="seed sets of the eval prompts (the rows' seeds + 1000 s)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: 12 prompts, 2 ascent steps")
+    ap.add_argument("--model", default="shapeworld", help="the base: `shapeworld` (shipped) or a FluxPipeline folder")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_alignment.md")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    backbone = load_backbone(config.load(None, []).model)
+    backbone = load_backbone(config.load(None, [f"model.path={args.model}"]).model)
     rows = shapeworld.prompt_rows("eval")
     rows = rows[:: len(rows) // 12] if args.quick else rows
     prompts = [r["prompt"] for r in rows] * args.seeds
@@ -90,12 +101,13 @@ def main(argv=None) -> None:
     lines = [f"# Reward gradient vs ShapeEval ({len(prompts)} base samples of the eval prompts)", "",
              "`python benchmarks/reward_alignment.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
              f"## 1. Latent ascent on the reward (step L2 {ASCENT_STEP} per sample)", "",
-             "| reward | AUC pass vs fail | ascent steps | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+             "| reward | AUC pass vs fail | |grad|^2 in lowest fifth | ascent steps | " + " | ".join(cols) + " |",
+             "|" + "---|" * (len(cols) + 4)]
     for name, reward in rewards.items():
         res = probe(backbone, reward, lat, prompts, tags, checkpoints)
         for it in checkpoints:
-            auc = f"{res['auc']:.3f}" if it == 0 else ""
-            lines.append(f"| {name} | {auc} | {it} | " + " | ".join(f"{res[it][c]:.3f}" for c in cols) + " |")
+            auc, low = (f"{res['auc']:.3f}", f"{res['low_share']:.2f}") if it == 0 else ("", "")
+            lines.append(f"| {name} | {auc} | {low} | {it} | " + " | ".join(f"{res[it][c]:.3f}" for c in cols) + " |")
             print(lines[-1], flush=True)
     if args.loras:
         first = next(iter(rewards.values()))

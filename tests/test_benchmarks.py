@@ -73,10 +73,18 @@ def test_reward_alignment_probe_ascends_the_reward_and_measures_a_lora(tmp_path,
     out = tmp_path / "alignment.md"
     _import_benchmark("reward_alignment").main(["--quick", "--seeds", "1", "--loras", str(moving_lora), "--out", str(out)])
     rows = [l.split("|") for l in out.read_text().splitlines() if l.startswith("| shapematch |")]
-    rewards = [float(r[4]) for r in rows]  # ascent steps 0, 1, 2
+    rewards = [float(r[5]) for r in rows]  # ascent steps 0, 1, 2
     assert len(rewards) == 3 and rewards[2] > rewards[0], rewards
+    assert 0.0 < float(rows[0][3]) <= 1.0, rows[0]  # a share of the squared gradient norm
     drift = [l.split("|") for l in out.read_text().splitlines() if l.startswith(f"| {moving_lora} |")]
     assert len(drift) == 1 and float(drift[0][2]) > 1e-3, drift
+
+
+def test_gradient_share_of_lowest_fifth():
+    share = _import_benchmark("reward_alignment").gradient_share_of_lowest
+    g = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # |g|^2 = 4, 1, 1, 1, 1
+    assert share(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]), g) == pytest.approx(0.5)  # the lowest: the steep one
+    assert share(torch.tensor([4.0, 1.0, 2.0, 3.0, 0.0]), g) == pytest.approx(0.125)
 
 
 def test_layout_shift_is_zero_for_the_base_and_measured_for_a_lora(tmp_path, moving_lora):
