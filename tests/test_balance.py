@@ -25,29 +25,24 @@ def s(tiny_flux_pipe):
     return Setup(tiny_flux_pipe, list(PROMPTS))
 
 
-def one_at_a_time(s, lam):
-    """dHinge_b/dx_N of each sample, each scored alone."""
-    rows = []
-    for b in range(s.B):
-        g = reward_gradient(s.bb, s.reward, s.traj.sample[b:b + 1], s.traj.prompts[b:b + 1],
-                            H, W, lam, TOY_SCALE)[2]
-        rows.append(g[0])
-    return torch.stack(rows)
+def one_at_a_time(s, x):
+    """dHinge_b/dx_b of each latent of x, each decoded and scored alone."""
+    return torch.cat([reward_gradient(s.bb, s.reward, x[b:b + 1], s.traj.prompts[b:b + 1], H, W, s.lam, TOY_SCALE)[2]
+                      for b in range(s.B)])
 
 
 def test_balanced_rows_point_where_each_sample_points_with_the_batch_mean_norm(s):
-    score = s.reward
-    raw = one_at_a_time(s, s.lam)
-    live = raw.flatten(1).norm(dim=1) > 0
-    assert 0 < int(live.sum()) < s.B  # the toy margin leaves some samples above it: their rows must stay zero
+    raw = one_at_a_time(s, s.traj.sample)
     norms = raw.flatten(1).norm(dim=1)
+    live = norms > 0
+    assert 0 < int(live.sum()) < s.B  # the toy margin leaves some samples above it: their rows must stay zero
     assert norms[live].max() > 1.05 * norms[live].min()  # unequal to begin with, or the test could not fail
-    got = reward_gradient(s.bb, score, s.traj.sample, s.traj.prompts, H, W, s.lam, TOY_SCALE, balance=True)[2]
+    got = reward_gradient(s.bb, s.reward, s.traj.sample, s.traj.prompts, H, W, s.lam, TOY_SCALE, balance=True)[2]
     target = norms[live].mean()
     expect = torch.stack([raw[b] / norms[b] * target if live[b] else raw[b] for b in range(s.B)])
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-7)
     # the same when decoded in chunks: balancing happens after the whole batch is scored
-    chunked = reward_gradient(s.bb, score, s.traj.sample, s.traj.prompts, H, W, s.lam, TOY_SCALE, chunk=3, balance=True)[2]
+    chunked = reward_gradient(s.bb, s.reward, s.traj.sample, s.traj.prompts, H, W, s.lam, TOY_SCALE, chunk=3, balance=True)[2]
     torch.testing.assert_close(chunked, expect, rtol=1e-4, atol=1e-7)
 
 
@@ -62,7 +57,7 @@ def test_balanced_refl_equals_the_reference(s):
     s.grads()
     with torch.no_grad():
         pred = refl_surrogate(s.bb, s.traj, t).endpoint
-    raw = torch.cat([_grad_at(s, pred[b:b + 1]) for b in range(s.B)])  # each sample scored alone
+    raw = one_at_a_time(s, pred)
     balanced = balance_rows(raw)
     assert not torch.allclose(balanced, raw)
     # reference: the prediction re-made with gradient, the balanced per-sample gradient back-propagated (batch mean)
@@ -78,9 +73,3 @@ def test_balanced_refl_equals_the_reference(s):
                         torch.Generator().manual_seed(0), s.lam, TOY_SCALE, balance=True)
     assert_grads_close(s.grads(), ref)
 
-
-def _grad_at(s, x):
-    """dHinge/dx of the decoded latent x."""
-    x = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(s.hinge(s.decode(x)).sum(), x)
-    return g
