@@ -17,13 +17,13 @@ It reads each prompt through the world's grammar and asks of the pixels what Sha
    asks for the best *correct* layout, not for the best-looking pieces of a wrong one.  Ties (a blank
    canvas) go to the placement nearest the centre.  The layout is chosen without gradient.
 4. Nothing else drawn.  Coloured mass outside the chosen objects (dilated by a pixel for anti-aliasing)
-   is penalised in units of the requested objects' area, so an extra object costs what a requested one
-   gains: hedging with a third object does not pay, and neither does leaving one out.
+   is penalised in units of the requested objects' area, weighted EXTRA_WEIGHT, so an extra object costs
+   twice what a requested one gains: hedging with a third object does not pay, and neither does leaving one out.
 5. Smooth shaping terms, zero on a truth render: each requested colour's total mass within what its
    objects can cover, the colour masses' centroids in the stated relation, and the fidelity of object
    interiors to their palette colour and of the canvas to the background.
 
-    reward = IoU - extra - SHAPING_WEIGHT (mass + relation) - FIDELITY_WEIGHT fidelity
+    reward = IoU - EXTRA_WEIGHT extra - SHAPING_WEIGHT (mass + relation) - FIDELITY_WEIGHT fidelity
 
 About 0.87 for a truth render, below 0 for a blank canvas or junk.  `ShapeMatch().terms` gives each term.
 """
