@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
     d = sub.add_parser("demo", help="LeapAlign LoRA on the embedded ShapeWorld base, with before/after evaluation")
     d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--steps", type=int, default=None, help="training iterations (default: the preset's train.steps, 400)")
+    d.add_argument("--steps", type=int, default=None, help="training iterations (default: the preset's train.steps)")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     d.set_defaults(func=_demo)
     e = sub.add_parser("eval", help="sample a prompt set and score it")
