@@ -136,6 +136,39 @@ def _eval(args) -> None:
     print(f"wrote {out}: {means}")
 
 
+def _plan(args) -> None:
+    import json
+
+    from . import config
+    from .plan import ACCELERATORS, find_fit, format_report, report, trace_step
+
+    if not args.gpu_memory > 0:
+        raise UserError(f"--gpu-memory must be a positive number of GiB (e.g. 80), got {args.gpu_memory:g}")
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.accelerator not in ACCELERATORS:
+        raise UserError(f"unknown accelerator {args.accelerator!r}; known: {', '.join(ACCELERATORS)}")
+    if not 0 < args.utilisation <= 1:
+        raise UserError(f"--utilisation must be in (0, 1], got {args.utilisation:g}")
+    cfg = config.load(args.config, args.set)
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    result = report(trace_step(cfg, args.gpus), cfg, args.gpu_memory, args.accelerator, args.utilisation)
+    if not result["fits"] and not args.no_suggest:
+        say(format_report(result) if not args.json else "does not fit; looking for changes that fit ...")
+        changes, fit = find_fit(cfg, args.gpus, args.gpu_memory, progress=say)
+        result["fits_with"] = {"changes": changes, "peak_bytes": fit.device_bytes()} if fit else None
+        if fit is not None:
+            say(f"fits in {args.gpu_memory:g} GiB with --set " + " --set ".join(" ".join(changes).split())
+                + f" ({fit.device_bytes() / 2**30:.2f} GiB per GPU, planned)")
+        else:
+            say(f"does not fit in {args.gpu_memory:g} GiB even with {' '.join(changes) or 'every change leapalign knows'}; "
+                "use more GPUs (--gpus N with train.parallel=fsdp) or a smaller resolution")
+    elif not args.json:
+        print(format_report(result))
+    if args.json:
+        print(json.dumps(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="leapalign", description="Reward-gradient post-training of flow-matching text-to-image models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -168,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance-scale", type=float, default=None, help="default: the model family's (FLUX.1-dev 3.5, SD3 7.0)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     e.set_defaults(func=_eval)
+    p = sub.add_parser("plan", help="trace one training iteration at full size on fake tensors: memory per GPU, FLOPs, fits or not")
+    p.add_argument("--config", required=True, help="the YAML config `train` would take")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run will use; train.batch_size is per GPU")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--accelerator", default="h100", help="for the time estimate: h100, h200, a100, l40s, b200")
+    p.add_argument("--utilisation", type=float, default=0.4, help="share of the accelerator's dense peak the estimate assumes")
+    p.add_argument("--no-suggest", action="store_true", help="do not search for changes that fit when the plan does not")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
+    p.set_defaults(func=_plan)
     return ap
 
 

@@ -39,7 +39,7 @@ def block_lists(module: torch.nn.Module) -> list[torch.nn.ModuleList]:
     return [m for name, m in module.named_children() if isinstance(m, torch.nn.ModuleList) and "block" in name and len(m)]
 
 
-def shard_transformer(transformer: torch.nn.Module, cpu_offload: bool = False, reshard: bool = True) -> None:
+def shard_transformer(transformer: torch.nn.Module, cpu_offload: bool = False, reshard: bool = True, mesh=None) -> None:
     """fully_shard each block, then the rest of the transformer; optionally keep shards on the CPU between uses.
 
     reshard=False keeps a block's gathered weights from its forward to its backward (DeepSpeed ZeRO-2's
@@ -47,7 +47,7 @@ def shard_transformer(transformer: torch.nn.Module, cpu_offload: bool = False, r
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    kwargs = {"reshard_after_forward": reshard}
+    kwargs = {"reshard_after_forward": reshard, "mesh": mesh}  # mesh None: every process of the default group
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     lists = block_lists(transformer)

@@ -276,6 +276,11 @@ def summarise_infos(infos: list[dict]) -> dict:
     return out
 
 
+class _NoLog:
+    def step(self, rec: dict) -> None:
+        pass
+
+
 class Run:
     """One training job, set up once; its state lives on attributes (no closures).  Everything that can fail on
     bad input happens in __init__ before the output directory is touched."""
@@ -293,23 +298,18 @@ class Run:
         set_seed(tc.seed)
         self.method = build_method(cfg.method)
         self.method.check(tc.num_steps)
-        self.backbone = load_backbone(cfg.model, self.device)
-        if tc.text_cache == "cpu":
-            self.backbone.offload_text()
-        self.reward = load_reward(cfg.reward.fn, cfg.reward.path).to(self.device)
-        judges = Judges(ec.judges if ec.judges is not None else default_judges(ec.prompts), exclude=self.reward.name).to(self.device)
-        self.train_rows = load_prompt_rows(tc.prompts)
+        backbone = load_backbone(cfg.model, self.device)
+        reward = load_reward(cfg.reward.fn, cfg.reward.path).to(self.device)
+        judges = Judges(ec.judges if ec.judges is not None else default_judges(ec.prompts), exclude=reward.name).to(self.device)
         self.H, self.W = cfg.model.height, cfg.model.width
+        self.train_rows = load_prompt_rows(tc.prompts)
         self.evaluator = Evaluator(load_prompt_rows(ec.prompts), ec.num_steps, self.H, self.W, ec.batch_size, ec.num_images,
-                                   self.reward, judges, ec.grid_size)
+                                   reward, judges, ec.grid_size)
         with torch.no_grad():  # preflight: the reward accepts what the decoder makes
-            probe = self.backbone.decode(self.backbone.initial_noise(2, self.H, self.W, torch.Generator(self.device).manual_seed(0)), self.H, self.W)
-            self.reward(probe, [self.train_rows[0]["prompt"]] * 2)
-        self._setup_trainable()
-        self.objective = Objective(self.method, self.reward, cfg.reward.lam, cfg.reward.scale, tc.anchor, self.anchor_base, tc.decode_batch,
-                                   cfg.reward.balance)
-        self.gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(self.device).manual_seed(tc.seed + 1),
-                     "pairs": torch.Generator().manual_seed(tc.seed + 2), "anchor": torch.Generator().manual_seed(tc.seed + 3)}
+            probe = backbone.decode(backbone.initial_noise(2, self.H, self.W, torch.Generator(self.device).manual_seed(0)), self.H, self.W)
+            reward(probe, [self.train_rows[0]["prompt"]] * 2)
+        self.mesh = None  # FSDP over every process of the default group
+        self._setup_training(backbone, reward)
         acc.wait_for_everyone()  # every rank has checked the output directory before the main one writes to it
         if self.main:
             if resume is None and self.out.exists() and cfg.output.overwrite:
@@ -330,6 +330,36 @@ class Run:
         self.watch, self.hack_warnings, self.best = HackWatch(ec.hack_margin), [], {"value": None}
         self.resume_point = (self.start, ckpt.capture_rng(self.gens))  # what Ctrl-C saves: the state after the last finished step
 
+    @classmethod
+    def headless(cls, cfg: config_mod.Config, backbone, reward, rank: int = 0, world: int = 1, rows: list[dict] | None = None,
+                 mesh=None) -> "Run":
+        """A Run that can take training steps and nothing else: no output directory, evaluation, log or checkpoint
+        (`leapalign plan` traces its `train_step` on a pipeline of fake tensors)."""
+        run = cls.__new__(cls)
+        run.cfg, run.device, run.rank, run.world, run.main = cfg, backbone.device, rank, world, rank == 0
+        run.H, run.W, run.start, run.bar = cfg.model.height, cfg.model.width, 0, range(0)
+        run.train_rows = rows if rows is not None else load_prompt_rows(cfg.train.prompts)
+        run.mesh = mesh
+        run.method = build_method(cfg.method)
+        run.method.check(cfg.train.num_steps)
+        run._setup_training(backbone, reward)
+        run.log, run.say = _NoLog(), lambda line: None
+        run.guard = Guard(cfg.train.max_bad_steps, run.say, cfg.reward.lam)
+        return run
+
+    def _setup_training(self, backbone, reward) -> None:
+        """What a training step needs, on a loaded backbone and reward: the method, the trainable weights with their
+        optimiser, the objective and the generators.  `leapalign plan` calls it too, on a pipeline of fake tensors."""
+        cfg, tc = self.cfg, self.cfg.train
+        self.backbone, self.reward = backbone, reward
+        if tc.text_cache == "cpu":
+            self.backbone.offload_text()
+        self._setup_trainable()
+        self.objective = Objective(self.method, self.reward, cfg.reward.lam, cfg.reward.scale, tc.anchor, self.anchor_base, tc.decode_batch,
+                                   cfg.reward.balance)
+        self.gens = {"prompts": torch.Generator().manual_seed(tc.seed), "noise": torch.Generator(self.device).manual_seed(tc.seed + 1),
+                     "pairs": torch.Generator().manual_seed(tc.seed + 2), "anchor": torch.Generator().manual_seed(tc.seed + 3)}
+
     def _setup_trainable(self) -> None:
         """LoRA or full weights, sharded if asked, with fp32 masters, AdamW and the EMA; the anchor's frozen base."""
         tc = self.cfg.train
@@ -342,7 +372,7 @@ class Run:
         if self.sharded:
             from .distributed import shard_transformer
 
-            shard_transformer(self.backbone.transformer, tc.fsdp_cpu_offload, tc.fsdp_reshard)
+            shard_transformer(self.backbone.transformer, tc.fsdp_cpu_offload, tc.fsdp_reshard, self.mesh)
             self.model_params = [p for p in self.backbone.transformer.parameters() if p.requires_grad]
         self.names = [n for n, p in self.backbone.transformer.named_parameters() if p.requires_grad]  # checkpoint keys
         self.master = MasterWeights(self.model_params, tc.fp32_master, tc.offload_optimizer)
