@@ -426,6 +426,43 @@ def _phases(run, trace: MemoryTrace):
 
 
 @contextlib.contextmanager
+def _repeated_calls(backbone, trace: MemoryTrace):
+    """Trace a no-gradient model call once per input shape: a repeat (the rollout's other steps) allocates the same
+    on fake tensors, so it adds the first call's rise above what was live and its FLOPs, and returns an output of the
+    same shape without running.  Calls with gradient (kept for the surrogates, re-run in them) always run."""
+    original = backbone.velocity
+    seen: dict = {}
+
+    def velocity(x, sigma, cond):
+        if torch.is_grad_enabled():
+            return original(x, sigma, cond)
+        key = (tuple(x.shape), x.dtype, tuple((k, tuple(v.shape)) for k, v in cond.batch.items()))
+        if key in seen:
+            rise, flops, shape, dtype = seen[key]
+            trace.flops += flops
+            temporaries = "activations and temporaries"
+            trace.device_total += rise
+            trace.bytes[temporaries] += rise
+            trace._update_peak()
+            trace.device_total -= rise
+            trace.bytes[temporaries] -= rise
+            return torch.empty(shape, dtype=dtype, device=x.device)
+        live, flops, before = trace.device_total, trace.flops, (trace.peak, trace.peak_bytes, trace.peak_phase)
+        trace.peak = live  # the call's own high-water mark, then the larger of the two
+        out = original(x, sigma, cond)
+        seen[key] = (trace.peak - live, trace.flops - flops, tuple(out.shape), out.dtype)
+        if before[0] > trace.peak:
+            trace.peak, trace.peak_bytes, trace.peak_phase = before
+        return out
+
+    backbone.velocity = velocity
+    try:
+        yield
+    finally:
+        del backbone.velocity
+
+
+@contextlib.contextmanager
 def _fake_processes(world: int):
     """A process group of `world` fake ranks in this process (collectives do nothing); this process is rank 0."""
     import torch.distributed as dist
@@ -508,7 +545,7 @@ def trace_step(cfg, processes: int = 1, label: str = "", fake: bool = True) -> P
         with trace.in_phase("setup"):
             run = Run.headless(cfg, backbone, reward, rank=0, world=processes if fake else 1, rows=rows, mesh=mesh)
         _component_labels(run, trace)
-        with _phases(run, trace), trace.in_phase("train step"):
+        with _phases(run, trace), _repeated_calls(backbone, trace) if fake else contextlib.nullcontext(), trace.in_phase("train step"):
             run.train_step(0)
         _component_labels(run, trace)
         params = {"trained": sum(p.numel() for p in run.params),

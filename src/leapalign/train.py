@@ -180,29 +180,53 @@ def agree(ok: bool, device) -> bool:
     return flag.item() == 0
 
 
-def average_across_ranks(params, agg: dict, bad: str | None, grads: bool = True) -> str | None:
-    """Mean of the gradients (unless FSDP already reduced them) and of the logged values over the processes,
-    in one all-reduce; a step is bad if any rank's is.
+GRAD_BUCKET = 2**25  # gradient elements averaged per all-reduce: at most 128 MB of fp32 beside the gradients
 
-    Parameters without a gradient on a rank count as zeros there, so every rank sends the same layout.
+
+def _average_bucket(params: list, world: int) -> None:
+    """Mean over the processes of these parameters' gradients, in fp32, written back into the gradients."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
+def average_across_ranks(params, agg: dict, bad: str | None, grads: bool = True) -> str | None:
+    """Mean of the gradients (unless FSDP already reduced them) and of the logged values over the processes;
+    a step is bad if any rank's is.
+
+    Gradients are averaged bucket by bucket (GRAD_BUCKET elements, summed in fp32) and written back in place, so
+    the extra memory is one bucket, not a second copy of every gradient.  Parameters without a gradient on a rank
+    count as zeros there, so every rank sends the same layout.
     """
     import torch.distributed as dist
 
     world = dist.get_world_size()
     keys = sorted(agg)
     device = params[0].device if params else torch.device("cpu")
-    grad_list = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params] if grads else []
-    flat = torch.cat([g.reshape(-1).float() for g in grad_list] +
-                     [torch.tensor([agg[k] for k in keys] + [float(bad is not None)], device=device)])
+    if grads:
+        bucket, size = [], 0
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            bucket.append(p)
+            size += p.numel()
+            if size >= GRAD_BUCKET:
+                _average_bucket(bucket, world)
+                bucket, size = [], 0
+        if bucket:
+            _average_bucket(bucket, world)
+    flat = torch.tensor([agg[k] for k in keys] + [float(bad is not None)], device=device)
     dist.all_reduce(flat)
     flat /= world
-    offset = 0
-    for p, g in zip(params if grads else [], grad_list):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-        offset += n
     for i, k in enumerate(keys):
-        agg[k] = flat[offset + i].item()
+        agg[k] = flat[i].item()
     any_bad = flat[-1].item() > 0
     return (bad or "value on another rank") if any_bad else None
 
