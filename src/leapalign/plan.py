@@ -426,6 +426,28 @@ def _phases(run, trace: MemoryTrace):
 
 
 @contextlib.contextmanager
+def _state_setup(trace: MemoryTrace):
+    """The fp32 masters and the EMA are made as optimiser state (in CPU memory with train.offload_optimizer)."""
+    from . import train
+
+    originals = {name: getattr(train, name) for name in ("MasterWeights", "EMA")}
+
+    def wrap(cls):
+        def make(*args, **kwargs):
+            with trace.in_phase(trace.phase, "optimizer states and masters"):
+                return cls(*args, **kwargs)
+        return make
+
+    for name, cls in originals.items():
+        setattr(train, name, wrap(cls))
+    try:
+        yield
+    finally:
+        for name, cls in originals.items():
+            setattr(train, name, cls)
+
+
+@contextlib.contextmanager
 def _repeated_calls(backbone, trace: MemoryTrace):
     """Trace a no-gradient model call once per input shape: a repeat (the rollout's other steps) allocates the same
     on fake tensors, so it adds the first call's rise above what was live and its FLOPs, and returns an output of the
@@ -542,7 +564,7 @@ def trace_step(cfg, processes: int = 1, label: str = "", fake: bool = True) -> P
             backbone = load_backbone(mc, "cpu")
         with trace.in_phase("load reward", "frozen reward"):
             reward = fake_reward(cfg) if fake else load_reward(cfg.reward.fn, cfg.reward.path)
-        with trace.in_phase("setup"):
+        with trace.in_phase("setup"), _state_setup(trace):
             run = Run.headless(cfg, backbone, reward, rank=0, world=processes if fake else 1, rows=rows, mesh=mesh)
         _component_labels(run, trace)
         with _phases(run, trace), _repeated_calls(backbone, trace) if fake else contextlib.nullcontext(), trace.in_phase("train step"):
