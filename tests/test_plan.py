@@ -115,3 +115,15 @@ def test_bad_hardware_is_one_line(args, words, capsys):
     assert main(["plan", "--config", "configs/shapeworld_leapalign.yaml", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
+
+
+def test_gpu_check_row_runs_on_the_cpu_with_random_weights():
+    """benchmarks/gpu_check.py's row: plan, then the same iteration for real on random weights from the same configs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    row = gpu_check.one_row(gpu_check.TINY["ShapeWorld LoRA"])
+    assert row["device"] == "cpu" and row["plan_phase"] == row["real_phase"]
+    assert row["plan_bytes"] == pytest.approx(row["measured_bytes"], rel=0.10)

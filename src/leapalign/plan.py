@@ -512,11 +512,14 @@ def _prompt_rows(spec: str) -> list[dict]:
         return [{"prompt": f"prompt {i}"} for i in range(8)]
 
 
-def trace_step(cfg, processes: int = 1, label: str = "", fake: bool = True) -> Plan:
+def trace_step(cfg, processes: int = 1, label: str = "", fake: bool = True, random_weights: bool = False,
+               device: str = "cpu") -> Plan:
     """One `Run.train_step` of the configuration on rank 0 of `processes`, traced by MemoryTrace.
 
     fake=True (the plan): the pipeline built from its architecture configs on fake tensors, nothing allocated.
-    fake=False (to grade the plan): the real pipeline and reward loaded and stepped for real, one process.
+    fake=False (to grade the plan): the real pipeline and reward loaded and stepped for real, one process, on
+    `device`; with `random_weights` built from the same configs as the plan with random weights instead (a GPU check
+    of a model whose weights are not on the machine).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -539,11 +542,12 @@ def trace_step(cfg, processes: int = 1, label: str = "", fake: bool = True) -> P
     rows = _prompt_rows(tc.prompts)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with _fake_processes(processes if fake else 1) as mesh, _fake_conversions() if fake else contextlib.nullcontext(), fake_mode, trace:
-        if fake:
+        if fake or random_weights:
             default_dtype = torch.get_default_dtype()
             torch.set_default_dtype(dtype)
             try:
-                pipe = fake_pipeline(folder, dtype)
+                with torch.device(device):
+                    pipe = fake_pipeline(folder, dtype)
             finally:
                 torch.set_default_dtype(default_dtype)
             for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -561,9 +565,11 @@ def trace_step(cfg, processes: int = 1, label: str = "", fake: bool = True) -> P
             except ValueError as e:
                 raise UserError(f"model.height/width: {e}") from None
         else:
-            backbone = load_backbone(mc, "cpu")
+            backbone = load_backbone(mc, device)
         with trace.in_phase("load reward", "frozen reward"):
-            reward = fake_reward(cfg) if fake else load_reward(cfg.reward.fn, cfg.reward.path)
+            reward = fake_reward(cfg) if fake or random_weights else load_reward(cfg.reward.fn, cfg.reward.path)
+            if not fake:
+                reward.to(device)
         with trace.in_phase("setup"), _state_setup(trace):
             run = Run.headless(cfg, backbone, reward, rank=0, world=processes if fake else 1, rows=rows, mesh=mesh)
         _component_labels(run, trace)
