@@ -127,3 +127,15 @@ def test_gpu_check_row_runs_on_the_cpu_with_random_weights():
     row = gpu_check.one_row(gpu_check.TINY["ShapeWorld LoRA"])
     assert row["device"] == "cpu" and row["plan_phase"] == row["real_phase"]
     assert row["plan_bytes"] == pytest.approx(row["measured_bytes"], rel=0.10)
+
+
+def test_a_model_whose_code_fails_on_fake_tensors_is_one_line(monkeypatch, capsys):
+    from leapalign.backbones.flux import FluxBackbone
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("data-dependent size\nsecond line")
+
+    monkeypatch.setattr(FluxBackbone, "decode", boom)
+    assert main(["plan", "--config", "configs/shapeworld_leapalign.yaml", *sum([["--set", s] for s in SMALL], [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot plan shapeworld: its code failed on fake tensors (RuntimeError: data-dependent size)" in err[0]

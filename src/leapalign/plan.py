@@ -265,6 +265,10 @@ def fake_pipeline(folder: Path, dtype: torch.dtype):
             parts[name] = None
         elif "tokenizer" in name or "processor" in name:
             parts[name] = StubTokenizer(_max_length(sub, cls_name))
+        elif "scheduler" in name:
+            cls = getattr(diffusers, cls_name)
+            with _real():  # a few real numbers, which the adapters copy and compute with
+                parts[name] = cls.from_config(cls.load_config(sub))
         elif library == "diffusers":
             cls = getattr(diffusers, cls_name)
             parts[name] = cls.from_config(cls.load_config(sub))
@@ -332,6 +336,13 @@ def _fake_conversions():
         yield
     finally:
         torch.nn.Module._apply = original
+
+
+def _with_real_tensors(fn):
+    def call(*args, **kwargs):
+        with _real():
+            return fn(*args, **kwargs)
+    return call
 
 
 @contextlib.contextmanager
@@ -514,6 +525,26 @@ def _prompt_rows(spec: str) -> list[dict]:
 
 def trace_step(cfg, processes: int = 1, label: str = "", fake: bool = True, random_weights: bool = False,
                device: str = "cpu") -> Plan:
+    """`_trace_step`, with a failure inside the model's code on fake tensors turned into one line."""
+    import logging
+
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs the failing operator before raising
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        return _trace_step(cfg, processes, label, fake, random_weights, device)
+    except UserError:
+        raise
+    except Exception as e:
+        if not fake:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"cannot plan {cfg.model.path}: its code failed on fake tensors ({type(e).__name__}: {first})") from None
+    finally:
+        fake_log.setLevel(level)
+
+
+def _trace_step(cfg, processes: int, label: str, fake: bool, random_weights: bool, device: str) -> Plan:
     """One `Run.train_step` of the configuration on rank 0 of `processes`, traced by MemoryTrace.
 
     fake=True (the plan): the pipeline built from its architecture configs on fake tensors, nothing allocated.
@@ -558,6 +589,8 @@ def trace_step(cfg, processes: int = 1, label: str = "", fake: bool = True, rand
             backbone = adapter(pipe, **adapter_options(adapter, mc))
             if hasattr(backbone, "merge_padding"):
                 backbone.merge_padding = False  # it reads the encodings' values: a fake trace sees every padded token
+            if fake:
+                backbone.sigmas = _with_real_tensors(backbone.sigmas)  # the schedule is a few real numbers (SD3 copies its scheduler)
             if mc.attention_backend:
                 set_attention_backend(backbone, mc.attention_backend)
             try:
